@@ -1,0 +1,18 @@
+"""GRADMM synthetic text generation: `python run.py --help` lists the config groups."""
+
+import hydra
+from omegaconf import DictConfig
+
+from gradmm.config import register_configs
+from gradmm.pipeline import main as run_pipeline
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The job, top to bottom: validate, load, compute targets, generate per class and round, score, write."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from gradmm import artifacts
+from gradmm.admm import run_round
+from gradmm.config import ConfigError, validate
+from gradmm.gradients import (
+    OutputLayer,
+    class_targets,
+    example_distances,
+    set_distance,
+    text_features,
+)
+from gradmm.models import LM, load_lm, load_tokenizer, mean_nll
+from gradmm.projection import MatchingContext, allowed_vocabulary
+from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
+from gradmm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Everything tokenizer-level, checked before the model is loaded."""
+
+    tokenizer: object
+    verbalizer: Verbalizer
+    prefix_ids: list[int]
+    real: list[Example]
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    problems = []
+    try:
+        verbalizer = Verbalizer.build(cfg.task, tokenizer)
+    except ValueError as error:
+        problems.append(str(error))
+    n_allowed = len(allowed_vocabulary(tokenizer, len(tokenizer)).nonzero())
+    if cfg.projector.topk > n_allowed:
+        problems.append(
+            f"projector.topk={cfg.projector.topk} is larger than the allowed vocabulary ({n_allowed} tokens)."
+        )
+    if problems:
+        raise ConfigError(problems)
+    real = stratified_sample(
+        load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
+    )
+    prefix_ids = tokenizer.encode(cfg.task.lm_prefix, add_special_tokens=False)
+    return Setup(tokenizer, verbalizer, prefix_ids, real)
+
+
+def score_texts(lm: LM, setup: Setup, head: OutputLayer, targets, texts: list[str], labels: list[int], distance):
+    """Per-example distance and log-perplexity, and per-class set distance, of texts as a classifier
+    reads them (re-tokenised, prompt appended): exactly what fine-tuning on them would see."""
+    inputs = setup.verbalizer.encode(lm.tokenizer, texts)
+    feats = text_features(lm, head, inputs, labels)
+    labels_t = torch.tensor(labels, device=feats.a.device)
+    per_example = torch.empty(len(texts))
+    per_class = []
+    for k, target in enumerate(targets):
+        rows = (labels_t == k).nonzero().squeeze(-1)
+        if len(rows) == 0:
+            continue
+        per_example[rows.cpu()] = example_distances(feats.select(rows), target, distance).float().cpu()
+        per_class.append(set_distance(feats.select(rows), target, distance).item())
+    text_ids = [ids[: len(ids) - len(setup.verbalizer.prompt_ids)] for ids in inputs]
+    log_ppl = mean_nll(lm, setup.prefix_ids, text_ids).cpu()
+    return {
+        "per_example": per_example.tolist(),
+        "log_ppl": log_ppl.tolist(),
+        "grad_distance_mean": float(per_example.mean()),
+        "grad_distance_set": float(sum(per_class) / len(per_class)),
+        "log_ppl_mean": float(log_ppl.mean()),
+    }
+
+
+def _figures(scores: dict) -> dict:
+    return {k: scores[k] for k in ("grad_distance_mean", "grad_distance_set", "log_ppl_mean")}
+
+
+def generate(cfg: DictConfig, out_dir: Path) -> dict:
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    setup = prepare(cfg)
+    lm = load_lm(cfg.model, cfg.paths.cache_dir)
+    torch.manual_seed(cfg.seed)
+    tracker = Tracker(cfg, out_dir)
+    try:
+        summary = _generate(cfg, out_dir, setup, lm, tracker, started)
+        tracker.summary(summary)
+        tracker.finish(0)
+        return summary
+    except BaseException:
+        tracker.finish(1)
+        raise
+
+
+def _generate(cfg, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
+    task, gen = cfg.task, cfg.generation
+    n_classes = len(task.label_names)
+    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+    real_labels = [ex.label for ex in setup.real]
+    real_feats = text_features(lm, head, setup.verbalizer.encode(lm.tokenizer, [e.text for e in setup.real]), real_labels)
+    targets = class_targets(real_feats, real_labels, n_classes)
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+
+    rows = []
+    jobs = [(k, r) for k in range(n_classes) for r in range(gen.rounds)]
+    for k, r in tqdm(jobs, desc="rounds", unit="round"):
+        ctx = MatchingContext(head, targets[k], k, setup.verbalizer.prompt_ids, cfg.matching.distance)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 1_009 + r)
+        steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False)
+
+        def on_outer_step(record, k=k, r=r, steps=steps):
+            tracker.log({"class": k, "round": r, **record})
+            steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
+            steps.update()
+
+        result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, generator, on_outer_step)
+        steps.close()
+        for seq in result.tokens.tolist():
+            text = lm.tokenizer.decode(seq).strip()
+            rows.append({"text": text, "label": k, "label_name": task.label_names[k], "round": r})
+
+    texts, labels = [row["text"] for row in rows], [row["label"] for row in rows]
+    synthetic = score_texts(lm, setup, head, targets, texts, labels, cfg.matching.distance)
+    for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"]):
+        row.update(grad_distance=d, log_ppl=p)
+    artifacts.write_jsonl(out_dir / "synthetic.jsonl", rows)
+
+    random_texts = _random_texts(lm, allowed, len(rows), gen.seq_len, cfg.seed)
+    random_scores = score_texts(lm, setup, head, targets, random_texts, labels, cfg.matching.distance)
+    real_scores = score_texts(lm, setup, head, targets, [e.text for e in setup.real], real_labels, cfg.matching.distance)
+    summary = {
+        "n_synthetic": len(rows),
+        **_figures(synthetic),
+        "random_baseline": _figures(random_scores),
+        "real_examples": _figures(real_scores),
+        "seconds": time.perf_counter() - started,
+        "output_dir": str(out_dir),
+    }
+    artifacts.write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _random_texts(lm: LM, allowed: torch.Tensor, n: int, length: int, seed: int) -> list[str]:
+    allowed_ids = allowed.nonzero().squeeze(-1)
+    generator = torch.Generator().manual_seed(seed + 7)
+    picks = allowed_ids[torch.randint(len(allowed_ids), (n, length), generator=generator)]
+    return [lm.tokenizer.decode(seq).strip() for seq in picks.tolist()]
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Validates, runs, prints where the outputs are; returns the objective sweepers minimise."""
+    from hydra.core.hydra_config import HydraConfig
+
+    validate(cfg)
+    if cfg.validate_only:
+        prepare(cfg)
+        print("config is valid")
+        return None
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = generate(cfg, out_dir)
+    print_summary(summary, out_dir)
+    return summary["grad_distance_set"]
+
+
+def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
+    rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
+    print(f"\nOutputs in {out_dir}/ (synthetic.jsonl, summary.json, metrics.jsonl, config.yaml)")
+    print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_mean':>20}{'log_ppl_mean':>14}")
+    for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
+                          ("real examples", summary["real_examples"])]:
+        print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_mean']:>20.4f}"
+              f"{figures['log_ppl_mean']:>14.2f}")
+    print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
+    for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:
+        print(f"  [{row['label_name']}] d={row['grad_distance']:.4f} log_ppl={row['log_ppl']:.2f}  {row['text']}")

@@ -1,0 +1,198 @@
+"""From continuous embeddings to readable tokens (method.md section 4).
+
+Three projectors share one incremental decode (`decode`): the LM reads `lm_prefix` and the tokens
+chosen so far through its KV cache, one batched step per position, and a projector-specific rule picks
+each row's next token.
+
+- nearest: the allowed token with the highest cosine to the embedding; ignores the LM.
+- topk_lm (the paper's): among the top-k allowed tokens by cosine, the one the LM likes best.
+- matching_lm: among the top-k by cosine that are also among the LM's `lm_topk` likely next tokens,
+  the one maximising LM log-probability minus `match_weight` x the exact change of the set's discrete
+  matching loss. The paper's projection ignores x on SmolLM2 (method.md section 9); this one is pulled
+  toward lower discrete loss, which is what the method is judged by. `exact_candidates` per row and
+  position, pre-ranked by a first-order estimate, are scored exactly in one batched forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from gradmm.gradients import GradFeatures, OutputLayer, replacement_distances, set_distance
+from gradmm.models import LM
+
+_WORD = re.compile(r" [A-Za-z]+")
+_PUNCTUATION = {".", ",", "!", "?", "'s", "'t", " -", ":"}
+
+
+@functools.lru_cache(maxsize=8)
+def _allowed_ids(tokenizer, min_zipf: float) -> tuple[int, ...]:
+    from wordfreq import zipf_frequency
+
+    special = set(tokenizer.all_special_ids)
+    allowed = []
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            continue
+        piece = tokenizer.decode([token_id])
+        if piece in _PUNCTUATION:
+            allowed.append(token_id)
+        # A leading space marks a word start; wordfreq rejects fragments such as " mitig".
+        elif _WORD.fullmatch(piece) and zipf_frequency(piece[1:].lower(), "en") >= min_zipf:
+            allowed.append(token_id)
+    return tuple(allowed)
+
+
+def allowed_vocabulary(tokenizer, vocab_rows: int, min_zipf: float = 3.0) -> torch.Tensor:
+    """Boolean mask over embedding rows: whole English words (with their leading space) and basic
+    punctuation. Special ids and rows past the tokenizer (unused padding rows) are never allowed."""
+    mask = torch.zeros(vocab_rows, dtype=torch.bool)
+    mask[list(_allowed_ids(tokenizer, min_zipf))] = True
+    return mask
+
+
+ChooseFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def decode(lm: LM, prefix_ids: list[int], n_rows: int, length: int, choose: ChooseFn) -> torch.Tensor:
+    """Left-to-right decode with the KV cache: `choose(t, logprobs)` returns each row's token at t."""
+    ids = torch.tensor([prefix_ids] * n_rows, device=lm.device)
+    cache = DynamicCache(config=lm.model.config)
+    logits = lm.model(input_ids=ids, cache=cache, use_cache=True).logits
+    tokens = torch.empty(n_rows, length, dtype=torch.long, device=lm.device)
+    for t in range(length):
+        tokens[:, t] = choose(t, torch.log_softmax(logits[:, -1].float(), dim=-1))
+        logits = lm.model(input_ids=tokens[:, t : t + 1], cache=cache, use_cache=True).logits
+    return tokens
+
+
+@torch.no_grad()
+def cosine_topk_mask(lm: LM, points: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """B x L x V mask of the k allowed tokens closest in cosine to each point (B x L x d)."""
+    emb = lm.input_embeddings.float()
+    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sims = (points.float() / points.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)) @ emb.T
+    sims[..., ~allowed.to(sims.device)] = -float("inf")
+    top = sims.topk(min(k, int(allowed.sum())), dim=-1).indices
+    return torch.zeros_like(sims, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def project_nearest(lm: LM, points: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    return cosine_topk_mask(lm, points, allowed, 1).float().argmax(dim=-1)
+
+
+def project_topk_lm(lm: LM, points: torch.Tensor, allowed: torch.Tensor, topk: int, prefix_ids: list[int]):
+    pool = cosine_topk_mask(lm, points, allowed, topk)
+
+    def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
+        return logprobs.masked_fill(~pool[:, t], -float("inf")).argmax(dim=-1)
+
+    return decode(lm, prefix_ids, points.shape[0], points.shape[1], choose)
+
+
+@dataclass
+class MatchingContext:
+    """What the matching-aware projector needs to score a batch of one class's sequences."""
+
+    head: OutputLayer
+    target: torch.Tensor
+    label: int
+    prompt_ids: list[int]
+    distance: str
+
+    def features(self, lm: LM, text_tokens: torch.Tensor) -> GradFeatures:
+        prompt = torch.tensor(self.prompt_ids, device=text_tokens.device).expand(text_tokens.shape[0], -1)
+        hidden = lm.last_hidden(input_ids=torch.cat([text_tokens, prompt], dim=1))
+        labels = torch.full((text_tokens.shape[0],), self.label, device=text_tokens.device)
+        return self.head.features(hidden, labels)
+
+    def distance_gradient(self, lm: LM, text_tokens: torch.Tensor) -> torch.Tensor:
+        """d(set distance)/d(input embedding) at each text position: B x L x d (one backward)."""
+        with torch.enable_grad():
+            emb = lm.input_embeddings[text_tokens].detach().requires_grad_(True)
+            prompt = lm.input_embeddings[torch.tensor(self.prompt_ids, device=emb.device)]
+            inputs = torch.cat([emb, prompt.expand(emb.shape[0], -1, -1)], dim=1)
+            hidden = lm.last_hidden(inputs_embeds=inputs)
+            labels = torch.full((emb.shape[0],), self.label, device=emb.device)
+            loss = set_distance(self.head.features(hidden, labels), self.target, self.distance)
+            (grad,) = torch.autograd.grad(loss, emb)
+        return grad
+
+
+def project_matching_lm(
+    lm: LM,
+    points: torch.Tensor,
+    current: torch.Tensor,
+    allowed: torch.Tensor,
+    ctx: MatchingContext,
+    *,
+    topk: int,
+    lm_topk: int,
+    exact_candidates: int,
+    match_weight: float,
+    prefix_ids: list[int],
+) -> torch.Tensor:
+    """`current` (B x L tokens, the previous z) fills the positions not yet decoded when a candidate's
+    matching loss is evaluated, so every candidate is scored on a complete sequence."""
+    n_rows, length = current.shape
+    pool = cosine_topk_mask(lm, points, allowed, topk)
+    emb = lm.input_embeddings
+    grad = ctx.distance_gradient(lm, current)  # first-order pre-ranking only
+    chosen = current.clone()
+    feats = ctx.features(lm, chosen)
+    rows = torch.arange(n_rows, device=current.device).repeat_interleave(exact_candidates)
+
+    def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
+        likely = torch.zeros_like(pool[:, t]).scatter_(-1, logprobs.topk(lm_topk, dim=-1).indices, True)
+        candidates_mask = pool[:, t] & likely
+        # An empty intersection falls back to the cosine pool alone (topk_lm's rule).
+        empty = ~candidates_mask.any(dim=-1, keepdim=True)
+        candidates_mask = torch.where(empty, pool[:, t], candidates_mask)
+        first_order = (emb.float() @ grad[:, t].float().T).T - (emb[chosen[:, t]].float() * grad[:, t].float()).sum(
+            -1, keepdim=True
+        )
+        ranking = (logprobs - match_weight * first_order).masked_fill(~candidates_mask, -float("inf"))
+        cand = ranking.topk(exact_candidates, dim=-1).indices  # B x J
+        valid = candidates_mask.gather(-1, cand)
+        trial = chosen.repeat_interleave(exact_candidates, dim=0)
+        trial[:, t] = cand.reshape(-1)
+        trial_feats = ctx.features(lm, trial)
+        nonlocal feats
+        dist = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance)
+        base = set_distance(feats, ctx.target, ctx.distance)
+        score = logprobs.gather(-1, cand) - match_weight * (dist.view(n_rows, -1) - base)
+        best = score.masked_fill(~valid, -float("inf")).argmax(dim=-1)
+        chosen[:, t] = cand.gather(-1, best[:, None]).squeeze(-1)
+        feats = trial_feats.select(torch.arange(n_rows, device=best.device) * exact_candidates + best)
+        return chosen[:, t]
+
+    return decode(lm, prefix_ids, n_rows, length, choose)
+
+
+def sample_sequences(
+    lm: LM,
+    n_rows: int,
+    length: int,
+    allowed: torch.Tensor,
+    prefix_ids: list[int],
+    *,
+    temperature: float,
+    lm_topk: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """LM samples restricted to the allowed vocabulary: a readable starting point for ADMM."""
+    allowed = allowed.to(lm.device)
+
+    def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
+        logits = logprobs.masked_fill(~allowed, -float("inf")) / temperature
+        threshold = logits.topk(lm_topk, dim=-1).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < threshold, -float("inf")), dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(lm.device)
+
+    return decode(lm, prefix_ids, n_rows, length, choose)

@@ -1,0 +1,112 @@
+"""Text-classification tasks: where the data comes from, the label names and the one verbalizer.
+
+Classification is language modelling: the input is `<text><prompt>` and the class is the label word
+the LM predicts next. Every stage (generation, filtering, fine-tuning, evaluation) builds its inputs
+through `Verbalizer`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gradmm.config import split_path
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+    # Row number in its split: lets later stages prove which real examples were used where.
+    index: int = -1
+
+
+@dataclass
+class Verbalizer:
+    """Token-level view of the task's prompt and label words for one tokenizer.
+
+    A label word that is several tokens is scored by its first token; `build` insists those first
+    tokens differ, so the classes stay distinguishable.
+    """
+
+    prompt_ids: list[int]
+    label_token_ids: list[int]
+    max_text_tokens: int
+
+    @classmethod
+    def build(cls, task: DictConfig, tokenizer) -> Verbalizer:
+        prompt_ids = tokenizer.encode(task.prompt, add_special_tokens=False)
+        first_ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in task.label_words]
+        if len(set(first_ids)) != len(first_ids):
+            pieces = [tokenizer.decode([i]) for i in first_ids]
+            raise ValueError(
+                f"task.label_words={list(task.label_words)} start with the tokens {pieces}, which are not "
+                "distinct; choose label words whose first tokens differ."
+            )
+        return cls(prompt_ids, first_ids, task.max_text_tokens)
+
+    def encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        """Classifier inputs: text tokens (truncated) followed by the exact prompt tokens."""
+        encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [ids[: self.max_text_tokens] + self.prompt_ids for ids in encoded]
+
+    def wrap(self, text_ids: list[int]) -> list[int]:
+        return list(text_ids) + self.prompt_ids
+
+
+def load_split(cfg: DictConfig, split: str) -> list[Example]:
+    """Reads a split from paths.data_dir when set, else from the Hugging Face hub."""
+    task = cfg.task
+    path = split_path(cfg, split)
+    if path is not None:
+        rows = _read_jsonl(path)
+    else:
+        rows = _read_hub(task, split)
+    keep = task.source_labels
+    remap = {src: new for new, src in enumerate(keep)} if keep is not None else None
+    examples = []
+    for i, row in enumerate(rows):
+        label = row["label"]
+        if remap is not None:
+            if label not in remap:
+                continue
+            label = remap[label]
+        examples.append(Example(text=row["text"], label=label, index=i))
+    return examples
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_hub(task: DictConfig, split: str) -> list[dict]:
+    if task.hub_id is None:
+        raise ValueError(
+            f"task {task.name!r} has no hub dataset (task.hub_id); set paths.data_dir to a folder of "
+            "<task>/<split>.jsonl files."
+        )
+    import datasets
+
+    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=task.hub_splits.get(split, split))
+    text_field = "text" if "text" in ds.column_names else "sentence"
+    return [{"text": r[text_field], "label": int(r["label"])} for r in ds]
+
+
+def stratified_sample(examples: list[Example], n: int, n_classes: int, seed: int) -> list[Example]:
+    """n examples, as even across classes as n allows (earlier classes get the remainder)."""
+    rng = random.Random(seed)
+    by_class: list[list[Example]] = [[] for _ in range(n_classes)]
+    for ex in examples:
+        by_class[ex.label].append(ex)
+    chosen: list[Example] = []
+    for k, pool in enumerate(by_class):
+        quota = n // n_classes + (1 if k < n % n_classes else 0)
+        if len(pool) < quota:
+            raise ValueError(f"class {k} has {len(pool)} examples, fewer than the {quota} requested.")
+        chosen.extend(rng.sample(pool, quota))
+    return chosen

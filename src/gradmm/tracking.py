@@ -1,0 +1,78 @@
+"""Metrics to `metrics.jsonl` always, and to Weights & Biases when it is available.
+
+W&B is a mirror, never a dependency of the run: any failure to start or log to it is reported once
+and the run carries on with the local files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_mode(requested: str) -> str:
+    if requested == "online" and not _has_api_key():
+        return "offline"
+    return requested
+
+
+class Tracker:
+    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str = "generate"):
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.run = None
+        mode = resolve_mode(cfg.tracker.mode)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(
+                project=cfg.tracker.project,
+                entity=cfg.tracker.entity,
+                group=cfg.tracker.group,
+                tags=list(cfg.tracker.tags),
+                job_type=job_type,
+                mode=mode,
+                dir=str(out_dir),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(init_timeout=60, console="off"),
+            )
+        except Exception as error:  # noqa: BLE001 - W&B must never stop a run
+            log.warning("W&B unavailable (%s); metrics go to %s only", error, self.metrics_path)
+            self.run = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._safely(lambda run: run.log(record))
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self._safely(lambda run: run.summary.update(values))
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._safely(lambda run: run.finish(exit_code=exit_code))
+        self.run = None
+
+    def _safely(self, action) -> None:
+        if self.run is None:
+            return
+        try:
+            action(self.run)
+        except Exception as error:  # noqa: BLE001 - W&B must never stop a run
+            log.warning("W&B failed (%s); continuing with local metrics only", error)
+            self.run = None
