@@ -54,7 +54,7 @@ class OutputLayer:
         if self.bias is not None:
             logits = logits + self.bias
             hidden = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)
-        a = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
+        a = torch.softmax(_at_least_fp32(logits), dim=-1).to(hidden.dtype)
         a = a - torch.nn.functional.one_hot(self.label_rows[labels], a.shape[1]).to(a.dtype)
         return GradFeatures(a, hidden)
 
@@ -63,7 +63,12 @@ class OutputLayer:
         logits = hidden @ self.weight.T
         if self.bias is not None:
             logits = logits + self.bias
-        return torch.nn.functional.cross_entropy(logits.float(), self.label_rows[labels])
+        return torch.nn.functional.cross_entropy(_at_least_fp32(logits), self.label_rows[labels])
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Softmax in bf16 loses the small probabilities the gradient is made of; float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def mean_gradient(feats: GradFeatures) -> torch.Tensor:

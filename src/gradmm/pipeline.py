@@ -108,16 +108,25 @@ def generate(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def _generate(cfg, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
-    task, gen = cfg.task, cfg.generation
-    n_classes = len(task.label_names)
     head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
-    real_labels = [ex.label for ex in setup.real]
-    real_feats = text_features(lm, head, setup.verbalizer.encode(lm.tokenizer, [e.text for e in setup.real]), real_labels)
-    targets = class_targets(real_feats, real_labels, n_classes)
+    targets = compute_targets(cfg, setup, lm, head)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    rows = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker)
+    return score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started)
 
+
+def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> list[torch.Tensor]:
+    """Per class, the mean last-layer gradient of the real examples of that class."""
+    labels = [ex.label for ex in setup.real]
+    inputs = setup.verbalizer.encode(lm.tokenizer, [ex.text for ex in setup.real])
+    return class_targets(text_features(lm, head, inputs, labels), labels, len(cfg.task.label_names))
+
+
+def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker) -> list[dict]:
+    """Every (class, round) batch of synthetic sequences, as output rows (text, label, round)."""
+    task, gen = cfg.task, cfg.generation
     rows = []
-    jobs = [(k, r) for k in range(n_classes) for r in range(gen.rounds)]
+    jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
     for k, r in tqdm(jobs, desc="rounds", unit="round"):
         ctx = MatchingContext(head, targets[k], k, setup.verbalizer.prompt_ids, cfg.matching.distance)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 1_009 + r)
@@ -133,16 +142,24 @@ def _generate(cfg, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, starte
         for seq in result.tokens.tolist():
             text = lm.tokenizer.decode(seq).strip()
             rows.append({"text": text, "label": k, "label_name": task.label_names[k], "round": r})
+    return rows
 
+
+def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started) -> dict:
+    """Scores the synthetic set, a random-token set of the same shape and the real examples, as a
+    classifier reads them; writes synthetic.jsonl and summary.json."""
     texts, labels = [row["text"] for row in rows], [row["label"] for row in rows]
     synthetic = score_texts(lm, setup, head, targets, texts, labels, cfg.matching.distance)
     for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"]):
         row.update(grad_distance=d, log_ppl=p)
     artifacts.write_jsonl(out_dir / "synthetic.jsonl", rows)
 
-    random_texts = _random_texts(lm, allowed, len(rows), gen.seq_len, cfg.seed)
+    random_texts = _random_texts(lm, allowed, len(rows), cfg.generation.seq_len, cfg.seed)
     random_scores = score_texts(lm, setup, head, targets, random_texts, labels, cfg.matching.distance)
-    real_scores = score_texts(lm, setup, head, targets, [e.text for e in setup.real], real_labels, cfg.matching.distance)
+    real_labels = [ex.label for ex in setup.real]
+    real_scores = score_texts(
+        lm, setup, head, targets, [ex.text for ex in setup.real], real_labels, cfg.matching.distance
+    )
     summary = {
         "n_synthetic": len(rows),
         **_figures(synthetic),

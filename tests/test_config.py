@@ -1,0 +1,127 @@
+"""Composition of the real configs, and validation before any model is loaded."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF_DIR, DATA_DIR, TINY, compose_config
+from gradmm.config import ConfigError, validate
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("task", _options("task"))
+def test_every_task_composes_and_validates(task):
+    cfg = compose_config([*TINY, f"task={task}"])
+    validate(cfg)
+    assert len(cfg.task.label_words) == len(cfg.task.label_names)
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_composes(model):
+    assert compose_config([f"model={model}"]).model.name == model
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    compose_config([f"experiment={experiment}"])
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_config(["+admm.learning_rate=0.1"])
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["admm.rho=fast"])
+
+
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(["task=sst3"])
+    assert "sst2" in str(error.value)
+
+
+BAD = [
+    ("admm.rho=0", "admm.rho"),
+    ("admm.rho=-1", "admm.rho"),
+    ("admm.outer_steps=0", "admm.outer_steps"),
+    ("admm.inner_steps=-2", "admm.inner_steps"),
+    ("admm.lr=0", "admm.lr"),
+    ("admm.grad_clip=0", "admm.grad_clip"),
+    ("generation.n_real=1", "generation.n_real"),
+    ("generation.n_real=0", "generation.n_real"),
+    ("generation.rounds=0", "generation.rounds"),
+    ("generation.batch_size=0", "generation.batch_size"),
+    ("generation.seq_len=0", "generation.seq_len"),
+    ("generation.init=real", "generation.init"),
+    ("generation.init_temperature=0", "generation.init_temperature"),
+    ("generation.n_real=100000", "generation.n_real"),
+    ("projector.name=magic", "projector.name"),
+    ("projector.topk=0", "projector.topk"),
+    ("projector.lm_topk=0", "projector.lm_topk"),
+    ("projector.exact_candidates=0", "projector.exact_candidates"),
+    ("projector.match_weight=-1", "projector.match_weight"),
+    ("matching.loss=mse", "matching.loss"),
+    ("matching.distance=kl", "matching.distance"),
+    ("tracker.mode=cloud", "tracker.mode"),
+    ("model.device=tpu", "model.device"),
+    ("model.dtype=int8", "model.dtype"),
+    ("model.source=ftp", "model.source"),
+    ("task.label_words=[' bad']", "task.label_words"),
+    ("task.label_words=[' bad',' bad']", "task.label_words"),
+    ("task.max_text_tokens=0", "task.max_text_tokens"),
+    ("paths.data_dir=/nonexistent", "/nonexistent"),
+]
+
+
+@pytest.mark.parametrize("override,named", BAD)
+def test_bad_value_is_named(override, named):
+    cfg = compose_config([*TINY, override])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert named in str(error.value)
+
+
+def test_every_problem_is_reported_at_once():
+    cfg = compose_config([*TINY, "admm.rho=0", "generation.batch_size=0", "projector.name=magic"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert len(error.value.problems) == 3
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    task_dir = tmp_path / "sst2"
+    task_dir.mkdir()
+    lines = [json.dumps({"text": "fine", "label": 1}), '{"text": "broken"', json.dumps({"text": "x", "label": 0})]
+    (task_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = compose_config([*TINY, f"paths.data_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    assert f"{task_dir / 'train.jsonl'}:2" in str(error.value)
+
+
+def test_shared_data_is_where_tests_expect_it():
+    assert (DATA_DIR / "sst2" / "train.jsonl").is_file(), f"datasets expected in {DATA_DIR}"
+
+
+def test_validation_runs_before_the_model_loads(tmp_path):
+    """A bad config must fail in validate(), which reads no weights: run.py exits non-zero fast."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "run.py", *TINY, "admm.rho=-1", f"paths.output_root={tmp_path}"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "admm.rho=-1" in result.stderr + result.stdout
+    assert not list(tmp_path.rglob("synthetic.jsonl"))
+

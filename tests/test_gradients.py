@@ -1,0 +1,101 @@
+"""The closed form of method.md section 2 against plain autograd, in float64."""
+
+import pytest
+import torch
+
+from gradmm.gradients import (
+    GradFeatures,
+    OutputLayer,
+    example_distances,
+    mean_gradient,
+    replacement_distances,
+    set_distance,
+)
+
+LABEL_IDS = [3309, 1109]  # " bad", " great" in SmolLM2's tokenizer
+
+
+def _reference_gradient(lm, head_weight, head_bias, rows, hidden, labels, loss):
+    """dL/dW (and dL/dc) by autograd through the output projection only, as a V x d (or K x d) matrix."""
+    weight = head_weight.detach().clone().requires_grad_(True)
+    bias = None if head_bias is None else head_bias.detach().clone().requires_grad_(True)
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    if loss == "label_words":
+        logits = logits[:, rows]
+        target = labels
+    else:
+        target = torch.tensor(rows, device=hidden.device)[labels]
+    value = torch.nn.functional.cross_entropy(logits, target)
+    params = [weight] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(value, params, create_graph=True)
+    if loss == "label_words":
+        grads = [g[rows] for g in grads]
+    if bias is None:
+        return grads[0]
+    return torch.cat([grads[0], grads[1][:, None]], dim=1)
+
+
+def _close(a, b, rtol=1e-6):
+    return (a - b).norm() <= rtol * b.norm()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("loss", ["label_words", "full_vocab"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_closed_form_matches_autograd(tiny_lm_factory, tied, loss, with_bias):
+    lm = tiny_lm_factory(tied=tied)
+    weight = lm.output_weight
+    bias = torch.randn(weight.shape[0], dtype=weight.dtype) * 0.1 if with_bias else None
+    head = OutputLayer.build(weight, bias, LABEL_IDS, loss)
+    tokens = torch.randint(0, 1000, (5, 7))
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    target = torch.randn(head.weight.shape[0], weight.shape[1] + (1 if with_bias else 0), dtype=torch.float64)
+
+    x = lm.input_embeddings[tokens].detach().clone().requires_grad_(True)
+    hidden = lm.last_hidden(inputs_embeds=x)
+
+    reference = _reference_gradient(lm, weight, bias, LABEL_IDS, hidden, labels, loss)
+    feats = head.features(hidden, labels)
+    assert _close(mean_gradient(feats), reference)
+    for kind in ("cosine", "l2"):
+        if kind == "cosine":
+            expected = 1 - (reference * target).sum() / (reference.norm() * target.norm())
+        else:
+            expected = (reference - target).norm() / target.norm()
+        closed = set_distance(feats, target, kind)
+        assert torch.allclose(closed, expected, rtol=1e-9, atol=1e-12)
+        (g_closed,) = torch.autograd.grad(closed, x, retain_graph=True)
+        (g_reference,) = torch.autograd.grad(expected, x, retain_graph=True)
+        assert _close(g_closed, g_reference), kind
+
+
+def test_task_loss_gradient_is_the_feature_outer_product(tiny_lm_factory):
+    lm = tiny_lm_factory(tied=False)
+    head = OutputLayer.build(lm.output_weight, None, LABEL_IDS, "label_words")
+    hidden = torch.randn(4, lm.output_weight.shape[1], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 0, 1])
+    w = head.weight.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(OutputLayer(w, None, head.label_rows).loss(hidden, labels), w)
+    assert _close(mean_gradient(head.features(hidden, labels)), grad)
+
+
+def test_example_distances_equal_singleton_sets():
+    feats = GradFeatures(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64))
+    target = torch.randn(3, 5, dtype=torch.float64)
+    for kind in ("cosine", "l2"):
+        batched = example_distances(feats, target, kind)
+        single = torch.stack([set_distance(feats.select([i]), target, kind) for i in range(6)])
+        assert torch.allclose(batched, single)
+
+
+def test_replacement_distances_equal_recomputed_sets():
+    current = GradFeatures(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    candidates = GradFeatures(torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
+    rows = torch.tensor([0, 0, 2, 4, 4, 1, 3])
+    target = torch.randn(3, 4, dtype=torch.float64)
+    for kind in ("cosine", "l2"):
+        fast = replacement_distances(current, candidates, rows, target, kind)
+        for j, r in enumerate(rows.tolist()):
+            a, h = current.a.clone(), current.h.clone()
+            a[r], h[r] = candidates.a[j], candidates.h[j]
+            assert torch.allclose(fast[j], set_distance(GradFeatures(a, h), target, kind))

@@ -1,0 +1,62 @@
+"""The generate job end to end on the tiny model (seconds) and briefly on the embedded model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY
+from gradmm.artifacts import read_jsonl
+from gradmm.pipeline import generate
+
+
+def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int = 2):
+    rows = read_jsonl(out / "synthetic.jsonl")
+    assert len(rows) == n_expected
+    assert {"text", "label", "label_name", "grad_distance", "log_ppl", "round"} <= rows[0].keys()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert len(metrics) == outer_steps * n_classes
+    assert {"class", "round", "outer_step", "grad_distance_x", "grad_distance_z", "log_ppl_z",
+            "primal_residual", "seconds"} <= metrics[0].keys()
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("n_synthetic", "grad_distance_mean", "grad_distance_set", "log_ppl_mean", "seconds"):
+        assert key in summary
+    assert set(summary["random_baseline"]) == {"grad_distance_mean", "grad_distance_set", "log_ppl_mean"}
+    assert summary["n_synthetic"] == n_expected
+    assert (out / "config.yaml").is_file()
+    return rows, summary
+
+
+@pytest.mark.parametrize("projector", ["nearest", "topk_lm", "matching_lm"])
+def test_generate_on_tiny_model(tiny_cfg, tmp_path, projector):
+    tiny_cfg.projector.name = projector
+    summary = generate(tiny_cfg, tmp_path)
+    _, written = _check_outputs(tmp_path, 8, tiny_cfg.admm.outer_steps)
+    assert written == summary
+
+
+def test_cli_multirun_on_tiny_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", *TINY, "admm.rho=0.1,1", f"paths.output_root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = sorted(tmp_path.rglob("summary.json"))
+    assert len(summaries) == 2
+
+
+@pytest.mark.slow
+def test_short_run_on_embedded_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "run.py", "tracker=disabled", "admm.outer_steps=2", "admm.inner_steps=2",
+         "generation.batch_size=4", "generation.seq_len=8", "generation.n_real=10",
+         f"paths.output_root={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Outputs in" in result.stdout
+    (summary_path,) = tmp_path.rglob("summary.json")
+    rows, summary = _check_outputs(summary_path.parent, 8, 2)
+    assert summary["log_ppl_mean"] < summary["random_baseline"]["log_ppl_mean"]
