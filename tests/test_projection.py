@@ -55,14 +55,15 @@ def _context(lm, label=1):
     return MatchingContext(head, target, label, prompt_ids=[657, 436], distance="cosine")
 
 
-def test_matching_lm_without_matching_weight_is_topk_lm(tiny_lm_factory):
+def test_matching_lm_without_matching_weight_keeps_the_paper_projection(tiny_lm_factory):
+    """With match_weight 0 the rule is topk_lm's (LM's favourite in the cosine pool), and the current
+    token only wins when the LM prefers it: starting from topk_lm's tokens, nothing changes."""
     lm = tiny_lm_factory(dtype="float64")
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     points = torch.randn(3, 5, lm.input_embeddings.shape[1], dtype=torch.float64)
-    current = project_nearest(lm, points, allowed)
     plain = project_topk_lm(lm, points, allowed, 40, PREFIX)
     guided = project_matching_lm(
-        lm, points, current, allowed, _context(lm), topk=40, lm_topk=10, exact_candidates=3,
+        lm, points, plain, allowed, _context(lm), topk=40, lm_topk=len(allowed), exact_candidates=3,
         match_weight=0.0, prefix_ids=PREFIX,
     )
     assert torch.equal(guided, plain)

@@ -7,8 +7,8 @@ each row's next token.
 - nearest: the allowed token with the highest cosine to the embedding; ignores the LM.
 - topk_lm (the paper's): among the top-k allowed tokens by cosine, the one the LM likes best.
 - matching_lm: among the top-k by cosine that are also among the LM's `lm_topk` likely next tokens,
-  the one maximising LM log-probability minus `match_weight` x the exact change of the set's discrete
-  matching loss. The paper's projection ignores x on SmolLM2 (method.md section 9); this one is pulled
+  or the current token, whichever maximises LM log-probability minus `match_weight` x the exact
+  change of the set's discrete matching loss. The paper's projection ignores x on SmolLM2 (method.md section 9); this one is pulled
   toward lower discrete loss, which is what the method is judged by. `exact_candidates` per row and
   position, pre-ranked by a first-order estimate, are scored exactly in one batched forward.
 """
@@ -159,8 +159,11 @@ def project_matching_lm(
             -1, keepdim=True
         )
         ranking = (logprobs - match_weight * first_order).masked_fill(~candidates_mask, -float("inf"))
+        # The current token always competes (its matching change is 0), so a position only changes
+        # when a candidate is better on LM log-probability plus matching: z does not drift at random.
+        ranking.scatter_(-1, chosen[:, t : t + 1], float("inf"))
         cand = ranking.topk(exact_candidates, dim=-1).indices  # B x J
-        valid = candidates_mask.gather(-1, cand)
+        valid = candidates_mask.gather(-1, cand) | (cand == chosen[:, t : t + 1])
         trial = chosen.repeat_interleave(exact_candidates, dim=0)
         trial[:, t] = cand.reshape(-1)
         trial_feats = ctx.features(lm, trial)
