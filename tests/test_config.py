@@ -1,9 +1,11 @@
 """Composition of the real configs, and validation before any model is loaded."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -34,7 +36,16 @@ def test_every_experiment_composes(experiment):
 
 def test_unknown_key_fails_at_composition():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)):
-        compose_config(["+admm.learning_rate=0.1"])
+        compose_config(["admm.learning_rate=0.1"])
+
+
+def test_unknown_key_in_a_yaml_file_fails_at_composition(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "admm" / "typo.yaml").write_text("rho: 0.5\nouter_step: 3\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+            compose(config_name="config", overrides=["admm=typo"])
 
 
 def test_wrong_type_fails_at_composition():

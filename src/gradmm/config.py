@@ -77,7 +77,7 @@ class ProjectorConfig:
     # matching-loss decrease is worth.
     lm_topk: int = 50
     exact_candidates: int = 4
-    match_weight: float = 300.0
+    match_weight: float = 5000.0
 
 
 @dataclass
