@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -117,15 +118,36 @@ def load_lm(cfg: DictConfig, cache_dir: str | Path) -> LM:
     if cfg.source == "tiny":
         model = _tiny_model(cfg, len(tokenizer), tokenizer, extra)
     elif cfg.source == "gguf_package":
-        package_dir = _package_dir(cfg.package)
-        log.info("loading %s from the GGUF file in %s", cfg.name, package_dir)
-        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=cfg.gguf_file, dtype=dtype, **extra)
+        model = _gguf_model(cfg, cache_dir, dtype, extra)
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=dtype, **extra)
     model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return LM(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def _gguf_model(cfg: DictConfig, cache_dir: str | Path, dtype: torch.dtype, extra: dict):
+    """Dequantising the GGUF file takes ~15 s, so the float weights are cached as safetensors once.
+
+    A GGUF-loaded model refuses save_pretrained (it is flagged as quantized), hence the plain
+    state-dict file next to its config.
+    """
+    package_dir = _package_dir(cfg.package)
+    cached = Path(cache_dir) / "models" / f"{cfg.package}-{cfg.gguf_file}"
+    if (cached / "model.safetensors").is_file():
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **extra)
+    log.info("loading %s from the GGUF file in %s (cached for next time in %s)", cfg.name, package_dir, cached)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=cfg.gguf_file, dtype=torch.float32, **extra)
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    try:
+        tmp.rename(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype)
 
 
 def _tiny_model(cfg: DictConfig, vocab_size: int, tokenizer, extra: dict) -> LlamaForCausalLM:
