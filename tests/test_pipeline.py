@@ -60,3 +60,20 @@ def test_short_run_on_embedded_model(tmp_path):
     (summary_path,) = tmp_path.rglob("summary.json")
     rows, summary = _check_outputs(summary_path.parent, 8, 2)
     assert summary["log_ppl_mean"] < summary["random_baseline"]["log_ppl_mean"]
+
+
+def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):
+    tiny_cfg.matching.loss = "full_vocab"
+    tiny_cfg.matching.distance = "l2"
+    summary = generate(tiny_cfg, tmp_path)
+    assert summary["n_synthetic"] == 8
+
+
+def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(tiny_cfg, monkeypatch):
+    import gradmm.pipeline as pipeline
+    from gradmm.config import ConfigError
+
+    monkeypatch.setattr(pipeline, "load_lm", lambda *a, **k: pytest.fail("model loaded"))
+    tiny_cfg.projector.topk = 10_000_000
+    with pytest.raises(ConfigError, match="projector.topk=10000000"):
+        pipeline.generate(tiny_cfg, Path(tiny_cfg.paths.output_root))
