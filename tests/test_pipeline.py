@@ -17,7 +17,7 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
     assert len(rows) == n_expected
     assert {"text", "label", "label_name", "grad_distance", "log_ppl", "round"} <= rows[0].keys()
     metrics = read_jsonl(out / "metrics.jsonl")
-    assert len(metrics) == outer_steps * n_classes
+    assert len(metrics) == (outer_steps + 1) * n_classes  # step 0 is the initialisation
     assert {"class", "round", "outer_step", "grad_distance_x", "grad_distance_z", "log_ppl_z",
             "primal_residual", "seconds"} <= metrics[0].keys()
     summary = json.loads((out / "summary.json").read_text())

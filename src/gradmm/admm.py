@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
@@ -36,6 +36,19 @@ class RoundResult:
     tokens: torch.Tensor  # B x L, best iterate
     grad_distance: float  # its discrete set distance
     best_outer_step: int
+
+
+@dataclass
+class RoundState:
+    """Everything needed to continue a round exactly where it stopped (saved with torch.save)."""
+
+    next_step: int
+    x: torch.Tensor
+    u: torch.Tensor
+    z: torch.Tensor
+    optimizer: dict
+    best: RoundResult
+    records: list[dict] = field(default_factory=list)
 
 
 def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> torch.Tensor:
@@ -71,25 +84,48 @@ def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) 
     )
 
 
+def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, generator) -> RoundState:
+    """Initial tokens, x = their embeddings, u = 0; recorded as outer step 0."""
+    started = time.perf_counter()
+    z = initial_tokens(lm, cfg, allowed, prefix_ids, generator)
+    x = lm.input_embeddings[z].detach().float().clone()
+    optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=cfg.admm.lr)
+    with torch.no_grad():
+        distance = set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item()
+        record = {
+            "outer_step": 0,
+            "grad_distance_x": distance,
+            "grad_distance_z": distance,
+            "log_ppl_z": mean_nll(lm, prefix_ids, z.tolist()).mean().item(),
+            "primal_residual": 0.0,
+            "seconds": time.perf_counter() - started,
+        }
+    return RoundState(1, x.detach(), torch.zeros_like(x), z, optimizer.state_dict(), RoundResult(z, distance, 0), [record])
+
+
 def run_round(
     lm: LM,
     cfg: DictConfig,
     ctx: MatchingContext,
     allowed: torch.Tensor,
     prefix_ids: list[int],
-    generator: torch.Generator,
+    state: RoundState,
     on_outer_step: Callable[[dict], None] = lambda record: None,
+    on_checkpoint: Callable[[RoundState], None] = lambda state: None,
 ) -> RoundResult:
+    """Runs outer steps state.next_step..admm.outer_steps; `state` may come from a checkpoint.
+
+    Every random draw of a round happens in start_round, so a resumed round is bit-identical to an
+    uninterrupted one.
+    """
     admm = cfg.admm
     emb = lm.input_embeddings
-    z = initial_tokens(lm, cfg, allowed, prefix_ids, generator)
-    x = emb[z].detach().float().clone().requires_grad_(True)
-    u = torch.zeros_like(x)
+    x = state.x.clone().requires_grad_(True)
+    u, z, best = state.u.clone(), state.z.clone(), state.best
     optimizer = torch.optim.Adam([x], lr=admm.lr)
-    with torch.no_grad():
-        best = RoundResult(z.clone(), set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item(), -1)
+    optimizer.load_state_dict(state.optimizer)
 
-    for outer in range(admm.outer_steps):
+    for outer in range(state.next_step, admm.outer_steps + 1):
         started = time.perf_counter()
         z_emb = emb[z].float()
         for _ in range(admm.inner_steps):
@@ -114,12 +150,18 @@ def run_round(
             primal_residual = (x - z_emb).norm(dim=-1).mean().item()
         if grad_distance_z < best.grad_distance:
             best = RoundResult(z.clone(), grad_distance_z, outer)
-        on_outer_step({
+        record = {
             "outer_step": outer,
             "grad_distance_x": grad_distance_x,
             "grad_distance_z": grad_distance_z,
             "log_ppl_z": log_ppl_z,
             "primal_residual": primal_residual,
             "seconds": time.perf_counter() - started,
-        })
+        }
+        state.records.append(record)
+        on_outer_step(record)
+        if outer < admm.outer_steps and outer % cfg.generation.checkpoint_every == 0:
+            on_checkpoint(RoundState(
+                outer + 1, x.detach().clone(), u.clone(), z.clone(), optimizer.state_dict(), best, state.records
+            ))
     return best

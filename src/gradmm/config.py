@@ -7,7 +7,9 @@ problem at once and runs before any model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -89,6 +91,11 @@ class GenerationConfig:
     # lm_sample: sequences sampled from the LM (readable start); random: random allowed tokens.
     init: str = "lm_sample"
     init_temperature: float = 1.0
+    # Save the round in progress every N outer steps (finished rounds are always saved).
+    checkpoint_every: int = 1
+    # A round whose loss or embeddings turn NaN/inf restarts from a fresh initialisation this often,
+    # then is recorded as failed while the other rounds go on.
+    max_restarts: int = 2
 
 
 @dataclass
@@ -119,6 +126,8 @@ class PathsConfig:
 class Config:
     seed: int = 0
     validate_only: bool = False
+    # Re-running a config continues its earlier job directory; false starts over in a new one.
+    resume: bool = True
     task: TaskConfig = MISSING
     model: ModelConfig = MISSING
     admm: AdmmConfig = field(default_factory=AdmmConfig)
@@ -129,8 +138,31 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+# The keys that decide what a job computes. The job directory is named after their hash, so the same
+# science always finds its earlier work and different science never shares a directory.
+SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching")
+
+
+def science_hash(cfg: DictConfig) -> str:
+    science = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+        for k in SCIENCE_KEYS
+        if k in cfg
+    }
+    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _run_id(*, _root_: DictConfig) -> str:
+    run_id = science_hash(_root_)
+    if not _root_.get("resume", True):
+        run_id += f"-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
+    return run_id
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", _run_id)
 
 
 register_configs()
@@ -215,9 +247,11 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
     for key in ("admm.rho", "admm.outer_steps", "admm.inner_steps", "admm.lr", "admm.grad_clip"):
         _positive(problems, key, OmegaConf.select(cfg, key))
     for key in ("generation.n_real", "generation.rounds", "generation.batch_size", "generation.seq_len",
-                "generation.init_temperature", "projector.topk", "projector.lm_topk",
+                "generation.init_temperature", "generation.checkpoint_every", "projector.topk", "projector.lm_topk",
                 "projector.exact_candidates", "task.max_text_tokens"):
         _positive(problems, key, OmegaConf.select(cfg, key))
+    if not isinstance(gen.max_restarts, int) or gen.max_restarts < 0:
+        problems.append(f"generation.max_restarts={gen.max_restarts!r} must be >= 0.")
     if proj.match_weight < 0:
         problems.append(f"projector.match_weight={proj.match_weight!r} must be >= 0.")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gradmm import artifacts
-from gradmm.admm import run_round
+from gradmm.admm import NumericalFault, RoundState, run_round, start_round
 from gradmm.config import ConfigError, validate
 from gradmm.gradients import (
     OutputLayer,
@@ -92,6 +96,9 @@ def _figures(scores: dict) -> dict:
 def generate(cfg: DictConfig, out_dir: Path) -> dict:
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and (out_dir / "summary.json").is_file():
+        log.info("%s already holds this config's finished job; nothing to do", out_dir)
+        return json.loads((out_dir / "summary.json").read_text())
     artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     setup = prepare(cfg)
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
@@ -111,8 +118,9 @@ def _generate(cfg, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, starte
     head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
     targets = compute_targets(cfg, setup, lm, head)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
-    rows = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker)
-    return score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started)
+    rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
+    summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
+    return summary
 
 
 def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> list[torch.Tensor]:
@@ -122,36 +130,113 @@ def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) ->
     return class_targets(text_features(lm, head, inputs, labels), labels, len(cfg.task.label_names))
 
 
-def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker) -> list[dict]:
-    """Every (class, round) batch of synthetic sequences, as output rows (text, label, round)."""
+def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker, out_dir: Path):
+    """Every (class, round) batch of synthetic sequences, as output rows (text, label, round), and
+    the rounds that failed. Finished rounds and the round in progress live in out_dir/rounds/, so a
+    re-run continues where the last one stopped, with identical results."""
     task, gen = cfg.task, cfg.generation
-    rows = []
+    rounds_dir = out_dir / "rounds"
+    rounds_dir.mkdir(exist_ok=True)
     jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
+    done = {job: _load_round(rounds_dir, *job) for job in jobs}
+    _rewrite_metrics(tracker, rounds_dir, jobs, done)
     for k, r in tqdm(jobs, desc="rounds", unit="round"):
-        ctx = MatchingContext(head, targets[k], k, setup.verbalizer.prompt_ids, cfg.matching.distance)
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 1_009 + r)
-        steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False)
+        if done[(k, r)] is None:
+            done[(k, r)] = _run_round_with_restarts(cfg, setup, lm, head, targets[k], allowed, tracker, rounds_dir, k, r)
+    rows = [row for job in jobs for row in done[job]["rows"]]
+    failed = [{"class": k, "round": r, "error": done[(k, r)]["failed"]} for k, r in jobs if done[(k, r)].get("failed")]
+    return rows, failed
 
-        def on_outer_step(record, k=k, r=r, steps=steps):
-            tracker.log({"class": k, "round": r, **record})
-            steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
-            steps.update()
 
-        result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, generator, on_outer_step)
+def _round_paths(rounds_dir: Path, k: int, r: int) -> tuple[Path, Path]:
+    stem = rounds_dir / f"class{k}_round{r}"
+    return stem.with_suffix(".json"), stem.with_suffix(".state.pt")
+
+
+def _load_round(rounds_dir: Path, k: int, r: int) -> dict | None:
+    finished, _ = _round_paths(rounds_dir, k, r)
+    return json.loads(finished.read_text()) if finished.is_file() else None
+
+
+def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, done) -> None:
+    """metrics.jsonl holds exactly the steps that survive in saved rounds and checkpoints, so steps
+    recomputed after a resume are not logged twice."""
+    records = []
+    for k, r in jobs:
+        saved = done[(k, r)]
+        if saved is None:
+            _, state_path = _round_paths(rounds_dir, k, r)
+            saved = {"records": torch.load(state_path, weights_only=False).records} if state_path.is_file() else None
+        if saved is not None:
+            records += [{"class": k, "round": r, **rec} for rec in saved["records"]]
+    artifacts.write_jsonl(tracker.metrics_path, records)
+
+
+def _run_round_with_restarts(cfg, setup, lm, head, target, allowed, tracker, rounds_dir, k, r) -> dict:
+    task = cfg.task
+    finished, state_path = _round_paths(rounds_dir, k, r)
+    ctx = MatchingContext(head, target, k, setup.verbalizer.prompt_ids, cfg.matching.distance)
+    steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False)
+
+    def on_outer_step(record):
+        tracker.log({"class": k, "round": r, **record})
+        steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
+        steps.update()
+
+    def on_checkpoint(state: RoundState):
+        _save_torch(state, state_path)
+
+    error = None
+    for attempt in range(cfg.generation.max_restarts + 1):
+        if state_path.is_file():
+            state = torch.load(state_path, weights_only=False)
+            steps.update(state.next_step - 1 - steps.n)
+        else:
+            # Seeded by (seed, class, round, attempt) alone, so rounds are independent of each other
+            # and of the order they run in.
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt)
+            state = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, generator)
+            for record in state.records:
+                tracker.log({"class": k, "round": r, **record})
+        try:
+            result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, state, on_outer_step, on_checkpoint)
+            break
+        except NumericalFault as fault:
+            error = f"{fault} (attempt {attempt + 1} of {cfg.generation.max_restarts + 1})"
+            log.warning("class %s round %d: %s; restarting from a fresh initialisation", task.label_names[k], r, error)
+            state_path.unlink(missing_ok=True)
+            steps.reset()
+    else:
         steps.close()
-        for seq in result.tokens.tolist():
-            text = lm.tokenizer.decode(seq).strip()
-            rows.append({"text": text, "label": k, "label_name": task.label_names[k], "round": r})
-    return rows
+        saved = {"rows": [], "records": [], "failed": error}
+        artifacts.write_json(finished, saved)
+        return saved
+    steps.close()
+    rows = [
+        {"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k], "round": r}
+        for seq in result.tokens.tolist()
+    ]
+    saved = {"rows": rows, "records": state.records, "best_outer_step": result.best_outer_step}
+    artifacts.write_json(finished, saved)
+    state_path.unlink(missing_ok=True)
+    return saved
 
 
-def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started) -> dict:
+def _save_torch(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started, failed) -> dict:
     """Scores the synthetic set, a random-token set of the same shape and the real examples, as a
     classifier reads them; writes synthetic.jsonl and summary.json."""
     texts, labels = [row["text"] for row in rows], [row["label"] for row in rows]
     synthetic = score_texts(lm, setup, head, targets, texts, labels, cfg.matching.distance)
-    for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"]):
-        row.update(grad_distance=d, log_ppl=p)
+    rows = [
+        {**{key: row[key] for key in ("text", "label", "label_name", "round")}, "grad_distance": d, "log_ppl": p}
+        for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"])
+    ]
     artifacts.write_jsonl(out_dir / "synthetic.jsonl", rows)
 
     random_texts = _random_texts(lm, allowed, len(rows), cfg.generation.seq_len, cfg.seed)
@@ -167,6 +252,7 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
         "real_examples": _figures(real_scores),
         "seconds": time.perf_counter() - started,
         "output_dir": str(out_dir),
+        "failed_rounds": failed,
     }
     artifacts.write_json(out_dir / "summary.json", summary)
     return summary
@@ -189,9 +275,21 @@ def main(cfg: DictConfig) -> float | None:
         print("config is valid")
         return None
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = generate(cfg, out_dir)
+    # SLURM sends SIGTERM before preemption: treat it like Ctrl-C so the W&B run is finished and the
+    # message below is printed; the last checkpoint (at most one outer step old) is already on disk.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = generate(cfg, out_dir)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Progress is saved in {out_dir}/; run the same command again to resume.",
+              file=sys.stderr)
+        sys.exit(130)
     print_summary(summary, out_dir)
     return summary["grad_distance_set"]
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:

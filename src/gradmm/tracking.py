@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,17 @@ class Tracker:
         mode = resolve_mode(cfg.tracker.mode)
         if mode == "disabled":
             return
+        # The run id is kept beside the outputs, so a resumed job continues the same W&B run.
+        id_file = out_dir / "wandb_run_id"
         try:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id)
             self.run = wandb.init(
+                id=run_id,
+                resume="allow",
                 project=cfg.tracker.project,
                 entity=cfg.tracker.entity,
                 group=cfg.tracker.group,
