@@ -23,6 +23,7 @@ register_configs()
 TINY = [
     "model=tiny",
     "tracker=disabled",
+    "stages=[generate]",
     f"paths.data_dir={DATA_DIR}",
     "admm.outer_steps=2",
     "admm.inner_steps=2",

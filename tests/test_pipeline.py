@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, TINY
 from gradmm.artifacts import read_jsonl
-from gradmm.pipeline import generate
+from gradmm.pipeline import run_job
 
 
 def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int = 2):
@@ -32,7 +32,7 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
 @pytest.mark.parametrize("projector", ["nearest", "topk_lm", "matching_lm"])
 def test_generate_on_tiny_model(tiny_cfg, tmp_path, projector):
     tiny_cfg.projector.name = projector
-    summary = generate(tiny_cfg, tmp_path)
+    summary = run_job(tiny_cfg, tmp_path)
     _, written = _check_outputs(tmp_path, 8, tiny_cfg.admm.outer_steps)
     assert written == summary
 
@@ -65,7 +65,7 @@ def test_short_run_on_embedded_model(tmp_path):
 def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):
     tiny_cfg.matching.loss = "full_vocab"
     tiny_cfg.matching.distance = "l2"
-    summary = generate(tiny_cfg, tmp_path)
+    summary = run_job(tiny_cfg, tmp_path)
     assert summary["n_synthetic"] == 8
 
 
@@ -76,4 +76,4 @@ def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(t
     monkeypatch.setattr(pipeline, "load_lm", lambda *a, **k: pytest.fail("model loaded"))
     tiny_cfg.projector.topk = 10_000_000
     with pytest.raises(ConfigError, match="projector.topk=10000000"):
-        pipeline.generate(tiny_cfg, Path(tiny_cfg.paths.output_root))
+        pipeline.run_job(tiny_cfg, Path(tiny_cfg.paths.output_root))

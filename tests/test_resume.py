@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, TINY, compose_config
 from gradmm.config import science_hash
-from gradmm.pipeline import generate
+from gradmm.pipeline import run_job
 
 LONG = [*TINY, "admm.outer_steps=12", "generation.rounds=2"]
 
@@ -111,14 +111,14 @@ def _poison(monkeypatch, bad_calls):
 
 def test_nan_round_restarts_from_a_fresh_initialisation(tiny_cfg, tmp_path, monkeypatch):
     _poison(monkeypatch, lambda n, ctx: n == 1)
-    summary = generate(tiny_cfg, tmp_path)
+    summary = run_job(tiny_cfg, tmp_path)
     assert summary["n_synthetic"] == 8
     assert summary["failed_rounds"] == []
 
 
 def test_a_round_that_keeps_failing_is_reported_and_the_others_kept(tiny_cfg, tmp_path, monkeypatch):
     _poison(monkeypatch, lambda n, ctx: ctx.label == 0)
-    summary = generate(tiny_cfg, tmp_path)
+    summary = run_job(tiny_cfg, tmp_path)
     assert summary["n_synthetic"] == 4, "class 1's round survives"
     (failed,) = summary["failed_rounds"]
     assert failed["class"] == 0 and "nan" in failed["error"].lower()
@@ -138,18 +138,18 @@ def test_wandb_failures_never_stop_a_run(tiny_cfg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", lambda *a, **k: BrokenRun())
     tiny_cfg.tracker.mode = "offline"
-    summary = generate(tiny_cfg, tmp_path / "broken_mid_run")
+    summary = run_job(tiny_cfg, tmp_path / "broken_mid_run")
     assert summary["n_synthetic"] == 8
     assert (tmp_path / "broken_mid_run" / "metrics.jsonl").read_text().count("\n") == 2 * 3
 
     monkeypatch.setattr(wandb, "init", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("no network")))
-    assert generate(tiny_cfg, tmp_path / "broken_at_start")["n_synthetic"] == 8
+    assert run_job(tiny_cfg, tmp_path / "broken_at_start")["n_synthetic"] == 8
 
 
 def test_offline_wandb_writes_inside_the_job_directory(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     tiny_cfg.tracker.mode = "online"  # no key configured: falls back to offline
-    generate(tiny_cfg, tmp_path / "job")
+    run_job(tiny_cfg, tmp_path / "job")
     assert list((tmp_path / "job" / "wandb").glob("offline-run-*"))
     assert os.environ.get("WANDB_MODE") in (None, "offline")

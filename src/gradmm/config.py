@@ -105,6 +105,39 @@ class MatchingConfig:
 
 
 @dataclass
+class DataConfig:
+    # An earlier job directory whose synthetic(_filtered).jsonl the filter/evaluate stages read when
+    # this job does not generate.
+    synthetic_from: Optional[str] = None
+
+
+@dataclass
+class FilterConfig:
+    n_per_class: int = 8
+    # zero_shot: drop texts the model assigns to another class; none: keep them.
+    classifier: str = "zero_shot"
+    near_duplicate: float = 0.8
+    log_ppl_weight: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    # What the model is fine-tuned on, and the references computed next to it.
+    train_on: str = "synthetic_filtered"
+    baselines: list[str] = field(default_factory=lambda: ["zero_shot"])
+    n_train: int = 100
+    steps: int = 30
+    batch_size: int = 16
+    lrs: list[float] = field(default_factory=lambda: [1e-5])
+    eval_every: int = 10
+    seeds: list[int] = field(default_factory=lambda: [0])
+    n_dev: int = 100
+    few_shot_k: int = 4
+    # Evaluate on a seeded stratified sample of the evaluation split (null: all of it).
+    max_eval: Optional[int] = None
+
+
+@dataclass
 class TrackerConfig:
     # online falls back to offline when no W&B API key is configured.
     mode: str = "online"
@@ -126,6 +159,7 @@ class PathsConfig:
 class Config:
     seed: int = 0
     validate_only: bool = False
+    stages: list[str] = field(default_factory=lambda: ["generate", "filter", "evaluate"])
     # Re-running a config continues its earlier job directory; false starts over in a new one.
     resume: bool = True
     task: TaskConfig = MISSING
@@ -134,13 +168,17 @@ class Config:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 # The keys that decide what a job computes. The job directory is named after their hash, so the same
 # science always finds its earlier work and different science never shares a directory.
-SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching")
+SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching", "stages", "data", "filter",
+                "evaluate")
 
 
 def science_hash(cfg: DictConfig) -> str:
@@ -173,6 +211,10 @@ MATCHING_LOSSES = ("label_words", "full_vocab")
 DISTANCES = ("cosine", "l2")
 TRACKER_MODES = ("online", "offline", "disabled")
 INITS = ("lm_sample", "random")
+STAGES = ("generate", "filter", "evaluate")
+FILTER_CLASSIFIERS = ("zero_shot", "none")
+TRAIN_ON = ("synthetic", "synthetic_filtered", "real_seen", "real_random")
+BASELINES = ("zero_shot", "few_shot", "real_seen", "real_random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
@@ -250,6 +292,30 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
                 "generation.init_temperature", "generation.checkpoint_every", "projector.topk", "projector.lm_topk",
                 "projector.exact_candidates", "task.max_text_tokens"):
         _positive(problems, key, OmegaConf.select(cfg, key))
+    stages = list(cfg.stages)
+    for stage in stages:
+        _choice(problems, "stages", stage, STAGES)
+    if stages != sorted(stages, key=lambda s: STAGES.index(s) if s in STAGES else 0) or not stages:
+        problems.append(f"stages={stages} must be a non-empty subsequence of {list(STAGES)}, in that order.")
+    if "generate" not in stages and cfg.data.synthetic_from is None:
+        problems.append("stages without generate need data.synthetic_from=<an earlier job directory>.")
+    if cfg.data.synthetic_from is not None and not (Path(cfg.data.synthetic_from) / "synthetic.jsonl").is_file():
+        problems.append(f"data.synthetic_from={cfg.data.synthetic_from!r} holds no synthetic.jsonl.")
+    _choice(problems, "filter.classifier", cfg.filter.classifier, FILTER_CLASSIFIERS)
+    _positive(problems, "filter.n_per_class", cfg.filter.n_per_class)
+    if not 0 < cfg.filter.near_duplicate <= 1:
+        problems.append(f"filter.near_duplicate={cfg.filter.near_duplicate!r} must be in (0, 1].")
+    ev = cfg.evaluate
+    _choice(problems, "evaluate.train_on", ev.train_on, TRAIN_ON)
+    for baseline in ev.baselines:
+        _choice(problems, "evaluate.baselines", baseline, BASELINES)
+    for key in ("evaluate.n_train", "evaluate.steps", "evaluate.batch_size", "evaluate.eval_every",
+                "evaluate.n_dev", "evaluate.few_shot_k"):
+        _positive(problems, key, OmegaConf.select(cfg, key))
+    if not ev.lrs or any(lr <= 0 for lr in ev.lrs):
+        problems.append(f"evaluate.lrs={list(ev.lrs)} must be a non-empty list of positive learning rates.")
+    if not ev.seeds:
+        problems.append("evaluate.seeds must name at least one training seed.")
     if not isinstance(gen.max_restarts, int) or gen.max_restarts < 0:
         problems.append(f"generation.max_restarts={gen.max_restarts!r} must be >= 0.")
     if proj.match_weight < 0:

@@ -18,6 +18,14 @@ from tqdm.auto import tqdm
 from gradmm import artifacts
 from gradmm.admm import NumericalFault, RoundState, run_round, start_round
 from gradmm.config import ConfigError, validate
+from gradmm.filtering import filter_examples
+from gradmm.finetune import (
+    Classifier,
+    evaluate_trained,
+    few_shot_demonstrations,
+    make_splits,
+    train_and_select,
+)
 from gradmm.gradients import (
     OutputLayer,
     class_targets,
@@ -93,19 +101,28 @@ def _figures(scores: dict) -> dict:
     return {k: scores[k] for k in ("grad_distance_mean", "grad_distance_set", "log_ppl_mean")}
 
 
-def generate(cfg: DictConfig, out_dir: Path) -> dict:
+def run_job(cfg: DictConfig, out_dir: Path) -> dict:
+    """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and (out_dir / "summary.json").is_file():
-        log.info("%s already holds this config's finished job; nothing to do", out_dir)
-        return json.loads((out_dir / "summary.json").read_text())
     artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     setup = prepare(cfg)
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
     torch.manual_seed(cfg.seed)
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
+    source = out_dir if "generate" in cfg.stages else Path(cfg.data.synthetic_from)
     tracker = Tracker(cfg, out_dir)
     try:
-        summary = _generate(cfg, out_dir, setup, lm, tracker, started)
+        if "generate" in cfg.stages and "n_synthetic" not in summary:
+            summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
+            artifacts.write_json(summary_path, summary)
+        if "filter" in cfg.stages and "filter" not in summary:
+            summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir)
+            artifacts.write_json(summary_path, summary)
+        if "evaluate" in cfg.stages and "accuracy" not in summary:
+            summary.update(evaluate_stage(cfg, setup, lm, source if "filter" not in cfg.stages else out_dir, out_dir))
+            artifacts.write_json(summary_path, summary)
         tracker.summary(summary)
         tracker.finish(0)
         return summary
@@ -114,13 +131,88 @@ def generate(cfg: DictConfig, out_dir: Path) -> dict:
         raise
 
 
-def _generate(cfg, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
+def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path) -> dict:
+    rows = artifacts.read_jsonl(source / "synthetic.jsonl")
+    n_classes = len(cfg.task.label_names)
+    predictions = None
+    if cfg.filter.classifier == "zero_shot":
+        predictions = Classifier(lm, setup.verbalizer).predict([row["text"] for row in rows]).tolist()
+    kept, dropped = filter_examples(
+        rows, predictions, n_classes, cfg.filter.n_per_class, cfg.filter.near_duplicate, cfg.filter.log_ppl_weight
+    )
+    artifacts.write_jsonl(out_dir / "synthetic_filtered.jsonl", kept)
+    return {"n_in": len(rows), "n_kept": len(kept), "dropped": dropped}
+
+
+def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path) -> dict:
+    """Accuracy of the model fine-tuned on `evaluate.train_on`, over `evaluate.seeds`, with the
+    baselines next to it. Each trained model's result is saved on its own, so a re-run resumes."""
+    ev, n_classes = cfg.evaluate, len(cfg.task.label_names)
+    evaluation = load_split(cfg, cfg.task.eval_split)
+    if ev.max_eval is not None and ev.max_eval < len(evaluation):
+        evaluation = stratified_sample(evaluation, ev.max_eval, n_classes, cfg.seed + 3)
+    splits = make_splits(load_split(cfg, cfg.task.train_split), evaluation, setup.real, ev.n_dev, n_classes, cfg.seed)
+    classifier = Classifier(lm, setup.verbalizer)
+    results_dir = out_dir / "evaluation"
+    results_dir.mkdir(exist_ok=True)
+
+    def training_set(method: str, seed: int) -> list[Example]:
+        if method in ("synthetic", "synthetic_filtered"):
+            name = "synthetic.jsonl" if method == "synthetic" else "synthetic_filtered.jsonl"
+            return [Example(r["text"], r["label"], i) for i, r in enumerate(artifacts.read_jsonl(source / name))]
+        if method == "real_seen":
+            return list(setup.real)
+        return stratified_sample(splits.pool, ev.n_train, n_classes, cfg.seed + 100 + seed)
+
+    def run(method: str, seed: int) -> dict:
+        path = results_dir / f"{method}_seed{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        if method == "zero_shot":
+            result = classifier.accuracy(splits.evaluation, n_classes)
+        elif method == "few_shot":
+            demos = few_shot_demonstrations(setup.real, ev.few_shot_k, n_classes, cfg.seed + seed)
+            result = classifier.accuracy(splits.evaluation, n_classes, classifier.demonstrations(demos))
+        else:
+            train = training_set(method, seed)
+            selected = train_and_select(lm, setup.verbalizer, train, splits.dev, cfg, n_classes, cfg.seed + seed)
+            result = {
+                **evaluate_trained(lm, setup.verbalizer, selected, splits.evaluation, n_classes),
+                "n_train": len(train),
+                **{k: selected[k] for k in ("dev_accuracy", "lr", "step", "dev_curve")},
+            }
+        artifacts.write_json(path, result)
+        return result
+
+    def aggregate(method: str) -> dict:
+        seeds = [0] if method == "zero_shot" else list(ev.seeds)
+        runs = [run(method, seed) for seed in tqdm(seeds, desc=f"evaluate {method}", leave=False)]
+        accuracies = torch.tensor([r["accuracy"] for r in runs])
+        return {
+            "mean": float(accuracies.mean()),
+            "std": float(accuracies.std()) if len(runs) > 1 else 0.0,
+            "per_class_accuracy": torch.tensor([r["per_class_accuracy"] for r in runs]).mean(0).tolist(),
+            "runs": runs,
+        }
+
+    main_result = aggregate(ev.train_on)
+    baselines = {name: aggregate(name) for name in ev.baselines}
+    return {
+        "accuracy": main_result["mean"],
+        "accuracy_std": main_result["std"],
+        "per_class_accuracy": main_result["per_class_accuracy"],
+        "evaluation": {"train_on": ev.train_on, "n_eval": len(splits.evaluation), "n_dev": len(splits.dev),
+                       **main_result},
+        "baselines": {name: {"mean": b["mean"], "std": b["std"]} for name, b in baselines.items()},
+    }
+
+
+def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
     head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
     targets = compute_targets(cfg, setup, lm, head)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
-    summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
-    return summary
+    return score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
 
 
 def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> list[torch.Tensor]:
@@ -254,7 +346,6 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
         "output_dir": str(out_dir),
         "failed_rounds": failed,
     }
-    artifacts.write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -279,13 +370,13 @@ def main(cfg: DictConfig) -> float | None:
     # message below is printed; the last checkpoint (at most one outer step old) is already on disk.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = generate(cfg, out_dir)
+        summary = run_job(cfg, out_dir)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Progress is saved in {out_dir}/; run the same command again to resume.",
               file=sys.stderr)
         sys.exit(130)
     print_summary(summary, out_dir)
-    return summary["grad_distance_set"]
+    return summary.get("accuracy", summary.get("grad_distance_set"))
 
 
 def _raise_interrupt(signum, frame):
@@ -293,13 +384,23 @@ def _raise_interrupt(signum, frame):
 
 
 def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
-    rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
-    print(f"\nOutputs in {out_dir}/ (synthetic.jsonl, summary.json, metrics.jsonl, config.yaml)")
-    print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_mean':>20}{'log_ppl_mean':>14}")
-    for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
-                          ("real examples", summary["real_examples"])]:
-        print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_mean']:>20.4f}"
-              f"{figures['log_ppl_mean']:>14.2f}")
-    print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
-    for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:
-        print(f"  [{row['label_name']}] d={row['grad_distance']:.4f} log_ppl={row['log_ppl']:.2f}  {row['text']}")
+    print(f"\nOutputs in {out_dir}/ (summary.json, synthetic.jsonl, metrics.jsonl, config.yaml, ...)")
+    if "n_synthetic" in summary:
+        print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_mean':>20}{'log_ppl_mean':>14}")
+        for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
+                              ("real examples", summary["real_examples"])]:
+            print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_mean']:>20.4f}"
+                  f"{figures['log_ppl_mean']:>14.2f}")
+        rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
+        print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
+        for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:
+            print(f"  [{row['label_name']}] d={row['grad_distance']:.4f} log_ppl={row['log_ppl']:.2f}  {row['text']}")
+    if "filter" in summary:
+        f = summary["filter"]
+        print(f"\nfilter: kept {f['n_kept']} of {f['n_in']} (dropped: {f['dropped']})")
+    if "accuracy" in summary:
+        ev = summary["evaluation"]
+        print(f"\naccuracy on {ev['n_eval']} held-out examples after fine-tuning on {ev['train_on']}: "
+              f"{summary['accuracy']:.3f} +- {summary['accuracy_std']:.3f}")
+        for name, b in summary["baselines"].items():
+            print(f"  {name:14} {b['mean']:.3f} +- {b['std']:.3f}")
