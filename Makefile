@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 export GRADMM_DATA_DIR ?= $(abspath ../shared/data)
 ARGS ?=
 
-.PHONY: help setup run test test-fast lint validate bench clean
+.PHONY: help setup run test test-fast lint validate bench clean reproduce-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ setup: $(BIN)/.installed  ## create .venv/ and install the package, torch and th
 
 run: setup  ## run the default job (SST-2, embedded SmolLM2, CPU); extra overrides via ARGS="..."
 	$(BIN)/python run.py $(ARGS)
+
+reproduce-cpu: setup  ## the SST-2 comparison of synthetic and real data (hours; resumable) -> experiments/results/
+	$(BIN)/python experiments/reproduce_cpu.py $(ARGS)
 
 validate: setup  ## check a config (ARGS="...") without loading a model
 	$(BIN)/python run.py validate_only=true $(ARGS)

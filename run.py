@@ -5,13 +5,14 @@ from omegaconf import DictConfig
 
 from gradmm.config import register_configs
 from gradmm.pipeline import main as run_pipeline
+from gradmm.sweeps import sweep_job
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run_pipeline(cfg)
+    return sweep_job(run_pipeline, cfg)
 
 
 if __name__ == "__main__":

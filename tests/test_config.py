@@ -89,12 +89,34 @@ BAD = [
     ("task.label_words=[' bad',' bad']", "task.label_words"),
     ("task.max_text_tokens=0", "task.max_text_tokens"),
     ("paths.data_dir=/nonexistent", "/nonexistent"),
+    ("privacy.name=secret", "privacy.name"),
+    ("privacy=dp privacy.epsilon=0", "privacy.epsilon"),
+    ("privacy=dp privacy.epsilon=-1", "privacy.epsilon"),
+    ("privacy=dp privacy.delta=1.5", "privacy.delta"),
+    ("privacy=dp privacy.delta=0.2", "1/generation.n_real"),
+    ("privacy=dp privacy.clip=0", "privacy.clip"),
+    ("privacy=dp privacy.relation=swap", "privacy.relation"),
+    ("stages=[evaluate]", "data.synthetic_from"),
+    ("stages=[evaluate,generate]", "stages"),
+    ("stages=[train]", "stages"),
+    ("data.synthetic_from=/nowhere", "data.synthetic_from"),
+    ("filter.classifier=oracle", "filter.classifier"),
+    ("filter.n_per_class=0", "filter.n_per_class"),
+    ("filter.near_duplicate=0", "filter.near_duplicate"),
+    ("evaluate.train_on=test", "evaluate.train_on"),
+    ("evaluate.baselines=[oracle]", "evaluate.baselines"),
+    ("evaluate.steps=0", "evaluate.steps"),
+    ("evaluate.lrs=[]", "evaluate.lrs"),
+    ("evaluate.lrs=[-1e-5]", "evaluate.lrs"),
+    ("evaluate.seeds=[]", "evaluate.seeds"),
+    ("generation.max_restarts=-1", "generation.max_restarts"),
+    ("generation.checkpoint_every=0", "generation.checkpoint_every"),
 ]
 
 
 @pytest.mark.parametrize("override,named", BAD)
 def test_bad_value_is_named(override, named):
-    cfg = compose_config([*TINY, override])
+    cfg = compose_config([*TINY, *override.split(" ")])
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert named in str(error.value)

@@ -100,3 +100,23 @@ def test_allowed_vocabulary_is_whole_words(tiny_lm_factory):
     assert len(words) > 5000
     # Anything else is a short punctuation mark ("," "." "'s" ...), never a word fragment.
     assert all(len(p.strip()) <= 2 and not p.strip().isalnum() for p in set(pieces) - set(words))
+
+
+def test_fast_paths_pick_the_same_tokens_as_the_plain_ones(tiny_lm_factory):
+    """The KV-cached matching scorer (decided prefix reused, hopeless candidates skipped) and the cached
+    decode choose exactly what full re-computation chooses, whether rows change or not."""
+    lm = tiny_lm_factory(dtype="float64")
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    ctx = _context(lm)
+    points = torch.randn(5, 7, lm.input_embeddings.shape[1], dtype=torch.float64)
+    current = project_nearest(lm, points, allowed)
+    changed_any = False
+    for weight, lm_topk in [(0.0, 30), (50.0, 30), (1e6, len(allowed))]:
+        kwargs = dict(topk=60, lm_topk=lm_topk, exact_candidates=3, match_weight=weight, prefix_ids=PREFIX)
+        fast = project_matching_lm(lm, points, current, allowed, ctx, **kwargs)
+        plain = project_matching_lm(lm, points, current, allowed, ctx, incremental=False, **kwargs)
+        assert torch.equal(fast, plain), weight
+        changed_any |= bool((fast != current).any())
+    assert changed_any
+    naive = project_topk_lm(lm, points, allowed, 40, PREFIX, reuse_cache=False)
+    assert torch.equal(naive, project_topk_lm(lm, points, allowed, 40, PREFIX))

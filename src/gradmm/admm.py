@@ -59,6 +59,20 @@ def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> t
     return set_distance(ctx.head.features(hidden.float(), labels), ctx.target.float(), ctx.distance)
 
 
+def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictConfig) -> torch.Tensor:
+    """One x-step: a forward and a backward to x (the weights need no gradient), then clipped Adam.
+    Returns the loss; a non-finite one leaves x and the optimizer untouched for the caller to stop."""
+    optimizer.zero_grad(set_to_none=True)
+    match = matching_loss_continuous(lm, ctx, x)
+    penalty = (x - z_emb + u).pow(2).sum(-1).mean()
+    loss = match + admm.rho / 2 * penalty
+    if torch.isfinite(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([x], admm.grad_clip)
+        optimizer.step()
+    return loss.detach()
+
+
 def initial_tokens(lm: LM, cfg: DictConfig, allowed: torch.Tensor, prefix_ids, generator) -> torch.Tensor:
     gen = cfg.generation
     if gen.init == "lm_sample":
@@ -129,15 +143,9 @@ def run_round(
         started = time.perf_counter()
         z_emb = emb[z].float()
         for _ in range(admm.inner_steps):
-            optimizer.zero_grad(set_to_none=True)
-            match = matching_loss_continuous(lm, ctx, x)
-            penalty = (x - z_emb + u).pow(2).sum(-1).mean()
-            loss = match + admm.rho / 2 * penalty
+            loss = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
             if not torch.isfinite(loss):
                 raise NumericalFault(f"matching loss became {loss.item()} at outer step {outer}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([x], admm.grad_clip)
-            optimizer.step()
         with torch.no_grad():
             if not torch.isfinite(x).all():
                 raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")

@@ -8,6 +8,7 @@ problem at once and runs before any model is loaded.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class ModelConfig:
     intermediate_size: int = 64
     tie_word_embeddings: bool = True
     init_seed: int = 0
+    # Speed options, for CUDA: torch.compile of the transformer, and autocast of its matmuls to
+    # bfloat16/float16 (null: off; ignored off CUDA) with float32 weights (model.dtype=float32).
+    compile: bool = False
+    autocast: Optional[str] = None
 
 
 @dataclass
@@ -105,6 +110,16 @@ class MatchingConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    # none, or dp: per-class targets released with the Gaussian mechanism (gradmm.privacy).
+    name: str = "none"
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    relation: str = "add_remove"
+
+
+@dataclass
 class DataConfig:
     # An earlier job directory whose synthetic(_filtered).jsonl the filter/evaluate stages read when
     # this job does not generate.
@@ -114,8 +129,10 @@ class DataConfig:
 @dataclass
 class FilterConfig:
     n_per_class: int = 8
-    # zero_shot: drop texts the model assigns to another class; none: keep them.
+    # zero_shot / few_shot: drop texts the model, as a classifier (few_shot: after few_shot_k of the
+    # generator's real examples as demonstrations), assigns to another class; none: keep them.
     classifier: str = "zero_shot"
+    few_shot_k: int = 4
     near_duplicate: float = 0.8
     log_ppl_weight: float = 0.0
 
@@ -135,6 +152,10 @@ class EvaluateConfig:
     few_shot_k: int = 4
     # Evaluate on a seeded stratified sample of the evaluation split (null: all of it).
     max_eval: Optional[int] = None
+    # full: every weight trains; lora: low-rank adapters on every linear layer (the `lora` extra).
+    method: str = "full"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
 
 
 @dataclass
@@ -156,6 +177,14 @@ class PathsConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    # The summary.json value run.py returns to a sweeper (hydra/sweeper=search optimises it), and
+    # which way is better; a failed or NaN job returns the worst value so the sweep carries on.
+    metric: str = "grad_distance_set"
+    direction: str = "minimize"
+
+
+@dataclass
 class Config:
     seed: int = 0
     validate_only: bool = False
@@ -168,17 +197,22 @@ class Config:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # Reuse per-class targets stored under paths.cache_dir by earlier jobs (gradmm.target_cache);
+    # reading them back gives the same tensors, so this is not part of the science config.
+    cache_targets: bool = True
 
 
 # The keys that decide what a job computes. The job directory is named after their hash, so the same
 # science always finds its earlier work and different science never shares a directory.
-SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching", "stages", "data", "filter",
-                "evaluate")
+SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching", "privacy", "stages", "data",
+                "filter", "evaluate")
 
 
 def science_hash(cfg: DictConfig) -> str:
@@ -212,11 +246,19 @@ DISTANCES = ("cosine", "l2")
 TRACKER_MODES = ("online", "offline", "disabled")
 INITS = ("lm_sample", "random")
 STAGES = ("generate", "filter", "evaluate")
-FILTER_CLASSIFIERS = ("zero_shot", "none")
+PRIVACY = ("none", "dp")
+RELATIONS = ("add_remove", "replace_one")
+FILTER_CLASSIFIERS = ("zero_shot", "few_shot", "none")
+FINETUNE_METHODS = ("full", "lora")
 TRAIN_ON = ("synthetic", "synthetic_filtered", "real_seen", "real_random")
 BASELINES = ("zero_shot", "few_shot", "real_seen", "real_random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+# Objective metrics (summary.json keys) and the stage that writes each.
+OBJECTIVES = {"grad_distance_set": "generate", "grad_distance_mean": "generate", "log_ppl_mean": "generate",
+              "accuracy": "evaluate"}
+DIRECTIONS = ("minimize", "maximize")
 
 
 class ConfigError(ValueError):
@@ -280,6 +322,10 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
     _choice(problems, "model.source", cfg.model.source, MODEL_SOURCES)
     _choice(problems, "model.device", cfg.model.device, DEVICES)
     _choice(problems, "model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.model.autocast is not None:
+        _choice(problems, "model.autocast", cfg.model.autocast, AUTOCAST_DTYPES)
+        if cfg.model.device in ("cpu", "mps"):
+            problems.append(f"model.autocast={cfg.model.autocast!r} needs CUDA, but model.device={cfg.model.device!r}.")
     _choice(problems, "projector.name", proj.name, PROJECTORS)
     _choice(problems, "matching.loss", cfg.matching.loss, MATCHING_LOSSES)
     _choice(problems, "matching.distance", cfg.matching.distance, DISTANCES)
@@ -292,6 +338,20 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
                 "generation.init_temperature", "generation.checkpoint_every", "projector.topk", "projector.lm_topk",
                 "projector.exact_candidates", "task.max_text_tokens"):
         _positive(problems, key, OmegaConf.select(cfg, key))
+    privacy = cfg.privacy
+    _choice(problems, "privacy.name", privacy.name, PRIVACY)
+    _choice(problems, "privacy.relation", privacy.relation, RELATIONS)
+    if privacy.name == "dp":
+        if not 0 < privacy.epsilon <= 100:
+            problems.append(f"privacy.epsilon={privacy.epsilon!r} must be in (0, 100].")
+        if not 0 < privacy.delta < 1:
+            problems.append(f"privacy.delta={privacy.delta!r} must be in (0, 1).")
+        elif isinstance(gen.n_real, int) and gen.n_real > 0 and privacy.delta >= 1 / gen.n_real:
+            problems.append(
+                f"privacy.delta={privacy.delta!r} is not below 1/generation.n_real = {1 / gen.n_real:.3g}: "
+                "such a delta allows releasing a real example outright."
+            )
+        _positive(problems, "privacy.clip", privacy.clip)
     stages = list(cfg.stages)
     for stage in stages:
         _choice(problems, "stages", stage, STAGES)
@@ -340,6 +400,7 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
             f"task.source_labels={list(task.source_labels)} must name one source label per label name."
         )
 
+    counts: dict[int, int] = {}
     if cfg.paths.data_dir is not None:
         source_n_labels = n_labels if task.source_labels is None else max(task.source_labels) + 1
         counts = _check_data_file(problems, split_path(cfg, task.train_split), max(source_n_labels, 64))
@@ -352,5 +413,88 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
                         f"generation.n_real={gen.n_real} needs {per_class} examples of class {name!r} "
                         f"but split {task.train_split!r} has {counts.get(source_label, 0)}."
                     )
+    _check_filter_and_evaluate(problems, cfg, counts)
+    _check_objective(problems, cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _sweeper_direction() -> Optional[str]:
+    """The direction an optimising sweeper (Optuna) was configured with, if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not _in_multirun():
+        return None
+    direction = HydraConfig.get().sweeper.get("direction")
+    return direction if isinstance(direction, str) else None
+
+
+def _check_objective(problems: list[str], cfg: DictConfig) -> None:
+    metric = cfg.objective.metric
+    _choice(problems, "objective.metric", metric, tuple(OBJECTIVES))
+    _choice(problems, "objective.direction", cfg.objective.direction, DIRECTIONS)
+    # Only a sweep reads the objective; a single run of other stages need not produce it.
+    if metric in OBJECTIVES and OBJECTIVES[metric] not in cfg.stages and _in_multirun():
+        problems.append(f"objective.metric={metric!r} is written by the {OBJECTIVES[metric]} stage, "
+                        f"which stages={list(cfg.stages)} does not run.")
+    sweeper_direction = _sweeper_direction()
+    if sweeper_direction is not None and sweeper_direction != cfg.objective.direction:
+        problems.append(f"hydra.sweeper.direction={sweeper_direction!r} disagrees with "
+                        f"objective.direction={cfg.objective.direction!r}: the sweeper would optimise the "
+                        "wrong way (hydra/sweeper=search takes objective.direction).")
+
+
+def _check_filter_and_evaluate(problems: list[str], cfg: DictConfig, train_counts: dict[int, int]) -> None:
+    """Rules that tie the filter and evaluate stages to the rest of the job."""
+    flt, ev, stages = cfg.filter, cfg.evaluate, list(cfg.stages)
+    _positive(problems, "filter.few_shot_k", flt.few_shot_k)
+    if "filter" in stages and flt.classifier == "few_shot" and cfg.privacy.name == "dp":
+        problems.append(
+            "filter.classifier=few_shot shows the model real examples the DP guarantee covers; use "
+            "filter.classifier=zero_shot or none with privacy=dp."
+        )
+    _choice(problems, "evaluate.method", ev.method, FINETUNE_METHODS)
+    if ev.method == "lora":
+        _positive(problems, "evaluate.lora_r", ev.lora_r)
+        _positive(problems, "evaluate.lora_alpha", ev.lora_alpha)
+        if importlib.util.find_spec("peft") is None:
+            problems.append("evaluate.method=lora needs peft: pip install -e '.[lora]'.")
+    if len(set(ev.baselines)) != len(ev.baselines):
+        problems.append(f"evaluate.baselines={list(ev.baselines)} names a baseline twice.")
+    if "evaluate" not in stages:
+        return
+    source = cfg.data.synthetic_from
+    if (ev.train_on == "synthetic_filtered" and "filter" not in stages and source is not None
+            and not (Path(source) / "synthetic_filtered.jsonl").is_file()):
+        problems.append(
+            f"evaluate.train_on=synthetic_filtered but data.synthetic_from={source!r} holds no "
+            "synthetic_filtered.jsonl: add filter to stages, or use evaluate.train_on=synthetic."
+        )
+    if ev.train_on == "synthetic_filtered" and "filter" not in stages and source is None:
+        problems.append("evaluate.train_on=synthetic_filtered needs the filter stage in stages.")
+    if not train_counts or not cfg.task.label_names:
+        return
+    # The generator's examples, the dev split and a random real subset are disjoint slices of the
+    # training split, stratified by class.
+    n_classes = len(cfg.task.label_names)
+    kept = cfg.task.source_labels if cfg.task.source_labels is not None else range(n_classes)
+    wanted = {"generation.n_real": cfg.generation.n_real, "evaluate.n_dev": ev.n_dev}
+    if "real_random" in (ev.train_on, *ev.baselines):
+        wanted["evaluate.n_train"] = ev.n_train
+    if not all(isinstance(n, int) and n > 0 for n in wanted.values()):
+        return
+    need = sum(-(-n // n_classes) for n in wanted.values())
+    for name, source_label in zip(cfg.task.label_names, kept):
+        if train_counts.get(source_label, 0) < need:
+            problems.append(
+                f"{' + '.join(f'{k}={v}' for k, v in wanted.items())} need {need} training examples of class "
+                f"{name!r} (they are disjoint) but split {cfg.task.train_split!r} has "
+                f"{train_counts.get(source_label, 0)}."
+            )

@@ -1,14 +1,27 @@
 """Keep the best synthetic examples (method.md section 6).
 
-Rules, in order: drop texts the model, as a zero-shot classifier with the task's verbalizer, assigns to
-another class; rank each class by the example's own gradient distance (plus `log_ppl_weight` x its
-log-perplexity); drop exact and near duplicates (word-set Jaccard similarity at or above
-`near_duplicate`, keeping the better-ranked one); balance the classes and keep at most `n_per_class`.
+Rules, in order: drop texts the model, as a zero-shot or few-shot classifier with the task's
+verbalizer (`finetune.Classifier`, the classifier evaluation measures), assigns to another class;
+rank each class by the example's own gradient distance (plus `log_ppl_weight` x its log-perplexity);
+drop exact and near duplicates (word-set Jaccard similarity at or above `near_duplicate`, keeping
+the better-ranked one); balance the classes and keep at most `n_per_class`.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from gradmm import artifacts
+from gradmm.finetune import Classifier, few_shot_demonstrations
+from gradmm.models import LM
+from gradmm.tracking import Tracker
+
+if TYPE_CHECKING:
+    from gradmm.pipeline import Setup
 
 _WORDS = re.compile(r"[a-z0-9']+")
 
@@ -45,3 +58,27 @@ def filter_examples(rows: list[dict], predictions: list[int] | None, n_classes: 
     for c in per_class:
         dropped["balance"] += len(c) - quota
     return [row for c in per_class for row in c[:quota]], dropped
+
+
+def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path,
+                 tracker: Tracker) -> dict:
+    """Filters source/synthetic.jsonl into out_dir/synthetic_filtered.jsonl; returns the counts."""
+    rows = artifacts.read_jsonl(source / "synthetic.jsonl")
+    n_classes, flt = len(cfg.task.label_names), cfg.filter
+    predictions = None
+    if flt.classifier != "none":
+        classifier = Classifier(lm, setup.verbalizer)
+        prefix: list[int] = []
+        if flt.classifier == "few_shot":
+            # Demonstrations from the generator's own real examples: no further real data is touched
+            # (config.validate refuses this under privacy=dp, where even those are off limits).
+            demos = few_shot_demonstrations(setup.real, flt.few_shot_k, n_classes, cfg.seed)
+            prefix = classifier.demonstrations(demos)
+        predictions = classifier.predict([row["text"] for row in rows], prefix).tolist()
+    kept, dropped = filter_examples(rows, predictions, n_classes, flt.n_per_class, flt.near_duplicate,
+                                    flt.log_ppl_weight)
+    artifacts.write_jsonl(out_dir / "synthetic_filtered.jsonl", kept)
+    result = {"n_in": len(rows), "n_kept": len(kept), "dropped": dropped}
+    tracker.log({"stage": "filter", "n_in": len(rows), "n_kept": len(kept),
+                 **{f"dropped/{rule}": n for rule, n in dropped.items()}})
+    return result

@@ -5,6 +5,10 @@ The classifier is the one generation matched: `OutputLayer(...).loss` over the l
 logits at the last prompt position of `Verbalizer.encode(text)`. Zero-shot and few-shot (in-context)
 scoring read the same logits, so every number here is about one and the same task loss.
 
+Full fine-tuning trains every weight of the loaded model and restores its original state dict
+afterwards (reloading the model would take far longer); `evaluate.method=lora` trains low-rank
+adapters (peft) instead and removes them afterwards.
+
 Splits: the dev split is sampled from the training split after removing the generator's real examples,
 the random real training subsets are sampled from what remains, and the evaluation split is only read
 to score a model after its learning rate and checkpoint were chosen.
@@ -12,20 +16,29 @@ to score a model after its learning rate and checkpoint were chosen.
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import math
 import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from gradmm import artifacts
 from gradmm.gradients import OutputLayer
 from gradmm.models import LM
-from gradmm.tasks import Example, Verbalizer, stratified_sample
+from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
+from gradmm.tracking import Tracker
+
+if TYPE_CHECKING:
+    from gradmm.pipeline import Setup
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +82,8 @@ class Classifier:
         """In-context prefix: each demonstration is its classifier input followed by its label word."""
         newline = self.lm.tokenizer.encode("\n", add_special_tokens=False)
         prefix: list[int] = []
-        for ex, ids in zip(examples, self.verbalizer.encode(self.lm.tokenizer, [e.text for e in examples])):
+        encoded = self.verbalizer.encode(self.lm.tokenizer, [e.text for e in examples])
+        for ex, ids in zip(examples, encoded, strict=True):
             prefix += ids + [self.verbalizer.label_token_ids[ex.label]] + newline
         return prefix
 
@@ -101,38 +115,125 @@ def few_shot_demonstrations(examples: list[Example], k: int, n_classes: int, see
     return demos
 
 
+class _FullWeights:
+    """Every weight trains; checkpoints are whole state dicts."""
+
+    def __init__(self, lm: LM, ev: DictConfig):
+        self.lm = lm
+        self.original = _copy_state(lm.model.state_dict())
+
+    def start(self, seed: int) -> list[torch.nn.Parameter]:
+        self.lm.model.load_state_dict(self.original)
+        for p in self.lm.model.parameters():
+            p.requires_grad_(True)
+        return list(self.lm.model.parameters())
+
+    def checkpoint(self) -> dict:
+        return {"method": "full", "weights": _copy_state(self.lm.model.state_dict())}
+
+    def close(self) -> None:
+        self.lm.model.load_state_dict(self.original)
+        for p in self.lm.model.parameters():
+            p.requires_grad_(False)
+
+    @staticmethod
+    @contextmanager
+    def applied(lm: LM, checkpoint: dict) -> Iterator[None]:
+        original = _copy_state(lm.model.state_dict())
+        try:
+            lm.model.load_state_dict(checkpoint["weights"])
+            yield
+        finally:
+            lm.model.load_state_dict(original)
+
+
+class _LoRA:
+    """Low-rank adapters on every linear layer but the output layer (peft's "all-linear"); the base
+    weights never change, checkpoints hold the adapters only."""
+
+    def __init__(self, lm: LM, ev: DictConfig):
+        self.lm, self.ev, self.peft_model = lm, ev, None
+
+    @staticmethod
+    def _config(r: int, alpha: float):
+        from peft import LoraConfig
+
+        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
+
+    def start(self, seed: int) -> list[torch.nn.Parameter]:
+        from peft import get_peft_model
+
+        self.close()
+        # The adapters' random initialisation is part of the training seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # get_peft_model injects the adapters into lm.model's own modules, so LM.last_hidden uses them.
+            self.peft_model = get_peft_model(self.lm.model, self._config(self.ev.lora_r, self.ev.lora_alpha))
+        return [p for p in self.lm.model.parameters() if p.requires_grad]
+
+    def checkpoint(self) -> dict:
+        from peft import get_peft_model_state_dict
+
+        adapters = _copy_state(get_peft_model_state_dict(self.peft_model))
+        return {"method": "lora", "r": self.ev.lora_r, "alpha": self.ev.lora_alpha, "weights": adapters}
+
+    def close(self) -> None:
+        if self.peft_model is not None:
+            self.peft_model.unload()
+            self.peft_model = None
+
+    @classmethod
+    @contextmanager
+    def applied(cls, lm: LM, checkpoint: dict) -> Iterator[None]:
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        peft_model = get_peft_model(lm.model, cls._config(checkpoint["r"], checkpoint["alpha"]))
+        try:
+            set_peft_model_state_dict(peft_model, checkpoint["weights"])
+            yield
+        finally:
+            peft_model.unload()
+
+
+_METHODS = {"full": _FullWeights, "lora": _LoRA}
+
+
+def _copy_state(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
 def train_and_select(lm: LM, verbalizer: Verbalizer, train: list[Example], dev: list[Example],
-                     cfg: DictConfig, n_classes: int, seed: int) -> dict:
-    """Fine-tunes one model per learning rate from the same starting weights; returns the weights
-    (on the CPU) and dev accuracy of the best (lr, step) by dev accuracy. The model's original weights
-    are restored before returning."""
+                     cfg: DictConfig, n_classes: int, seed: int,
+                     on_record: Callable[[dict], None] | None = None) -> dict:
+    """Fine-tunes one model per learning rate from the same starting weights and returns the best
+    (lr, step) by dev accuracy: its checkpoint (on the CPU), dev accuracy and every dev curve. The
+    model is left exactly as it came (weights, requires_grad False, eval mode). `on_record` receives
+    each dev evaluation as it happens."""
     ev = cfg.evaluate
+    if not train:
+        raise ValueError(f"nothing to fine-tune on: the evaluate.train_on={ev.train_on} set is empty.")
     classifier = Classifier(lm, verbalizer, ev.batch_size * 2)
-    original = copy.deepcopy(lm.model.state_dict())
+    tuning = _METHODS[ev.method](lm, ev)
     best = {"dev_accuracy": -1.0}
     dev_curve = {}
     try:
         for lr in ev.lrs:
-            lm.model.load_state_dict(original)
-            curve = _train(lm, classifier, train, dev, ev, lr, n_classes, seed, best)
-            dev_curve[str(lr)] = curve
+            dev_curve[str(lr)] = _train(lm, classifier, tuning, train, dev, ev, lr, n_classes, seed, best,
+                                        on_record or (lambda record: None))
     finally:
-        selected = best.pop("state", None)
-        lm.model.load_state_dict(original)
-        for p in lm.model.parameters():
-            p.requires_grad_(False)
+        tuning.close()
         lm.model.eval()
-    return {**best, "state": selected, "dev_curve": dev_curve}
+    return {**best, "dev_curve": dev_curve}
 
 
-def _train(lm, classifier, train, dev, ev, lr, n_classes, seed, best) -> list[dict]:
-    for p in lm.model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lm.model.parameters(), lr=lr, weight_decay=0.0)
+def _train(lm, classifier, tuning, train, dev, ev, lr, n_classes, seed, best, on_record) -> list[dict]:
+    params = tuning.start(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, ev.steps)
     rng = random.Random(seed)
     order: list[Example] = []
     curve = []
+    losses = []
     lm.model.train()
     for step in tqdm(range(1, ev.steps + 1), desc=f"fine-tune lr={lr:g}", leave=False):
         batch = []
@@ -149,24 +250,108 @@ def _train(lm, classifier, train, dev, ev, lr, n_classes, seed, best) -> list[di
             raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step} (lr {lr})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        losses.append(loss.item())
         if step % ev.eval_every == 0 or step == ev.steps:
             dev_accuracy = classifier.accuracy(dev, n_classes)["accuracy"]
-            curve.append({"step": step, "train_loss": loss.item(), "dev_accuracy": dev_accuracy})
+            # The mean over the steps since the last record: one batch's loss is too noisy to read.
+            record = {"lr": lr, "step": step, "train_loss": sum(losses) / len(losses),
+                      "dev_accuracy": dev_accuracy}
+            losses = []
+            curve.append(record)
+            on_record(record)
             if dev_accuracy > best["dev_accuracy"]:
-                best.update(dev_accuracy=dev_accuracy, lr=lr, step=step,
-                            state={k: v.detach().to("cpu", copy=True) for k, v in lm.model.state_dict().items()})
+                best.update(dev_accuracy=dev_accuracy, lr=lr, step=step, checkpoint=tuning.checkpoint())
     return curve
+
+
+@contextmanager
+def checkpoint_applied(lm: LM, checkpoint: dict) -> Iterator[None]:
+    """The model with a checkpoint from `train_and_select` in place; the original model on exit."""
+    with _METHODS[checkpoint["method"]].applied(lm, checkpoint):
+        yield
 
 
 def evaluate_trained(lm: LM, verbalizer: Verbalizer, selected: dict, evaluation: list[Example],
                      n_classes: int) -> dict:
-    """Scores the selected checkpoint on the evaluation split, then restores the original weights."""
-    original = copy.deepcopy(lm.model.state_dict())
-    try:
-        lm.model.load_state_dict(selected["state"])
+    """Scores the selected checkpoint on the evaluation split, then restores the original model."""
+    with checkpoint_applied(lm, selected["checkpoint"]):
         return Classifier(lm, verbalizer).accuracy(evaluation, n_classes)
-    finally:
-        lm.model.load_state_dict(original)
+
+
+def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, Path], out_dir: Path,
+                   tracker: Tracker) -> dict:
+    """Accuracy of the model fine-tuned on `evaluate.train_on`, over `evaluate.seeds`, with the
+    baselines next to it. `synthetic` maps synthetic/synthetic_filtered to their files. Each trained
+    model's result is saved on its own under out_dir/evaluation/, so a re-run resumes per model."""
+    ev, n_classes = cfg.evaluate, len(cfg.task.label_names)
+    per_class_keys = [f"accuracy/{name}" for name in cfg.task.label_names]
+    evaluation = load_split(cfg, cfg.task.eval_split)
+    if ev.max_eval is not None and ev.max_eval < len(evaluation):
+        evaluation = stratified_sample(evaluation, ev.max_eval, n_classes, cfg.seed + 3)
+    train_split = load_split(cfg, cfg.task.train_split)
+    splits = make_splits(train_split, evaluation, setup.real, ev.n_dev, n_classes, cfg.seed)
+    classifier = Classifier(lm, setup.verbalizer)
+    results_dir = out_dir / "evaluation"
+    results_dir.mkdir(exist_ok=True)
+
+    def training_set(method: str, seed: int) -> list[Example]:
+        if method in synthetic:
+            rows = artifacts.read_jsonl(synthetic[method])
+            return [Example(r["text"], r["label"], i) for i, r in enumerate(rows)]
+        if method == "real_seen":
+            return list(setup.real)
+        return stratified_sample(splits.pool, ev.n_train, n_classes, cfg.seed + 100 + seed)
+
+    def run(method: str, seed: int) -> dict:
+        path = results_dir / f"{method}_seed{seed}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        tag = {"stage": "evaluate", "method": method, "seed": seed}
+        if method == "zero_shot":
+            result = classifier.accuracy(splits.evaluation, n_classes)
+        elif method == "few_shot":
+            demos = few_shot_demonstrations(setup.real, ev.few_shot_k, n_classes, cfg.seed + seed)
+            result = classifier.accuracy(splits.evaluation, n_classes, classifier.demonstrations(demos))
+        else:
+            train = training_set(method, seed)
+            selected = train_and_select(
+                lm, setup.verbalizer, train, splits.dev, cfg, n_classes, cfg.seed + seed,
+                on_record=lambda record: tracker.log({**tag, **record}),
+            )
+            result = {
+                **evaluate_trained(lm, setup.verbalizer, selected, splits.evaluation, n_classes),
+                "n_train": len(train),
+                **{k: selected[k] for k in ("dev_accuracy", "lr", "step", "dev_curve")},
+            }
+        per_class = dict(zip(per_class_keys, result["per_class_accuracy"], strict=True))
+        tracker.log({**tag, "accuracy": result["accuracy"], **per_class})
+        artifacts.write_json(path, result)
+        return result
+
+    def aggregate(method: str) -> dict:
+        # Zero-shot scoring has no randomness: one run is the whole result.
+        seeds = [ev.seeds[0]] if method == "zero_shot" else list(ev.seeds)
+        runs = [run(method, seed) for seed in tqdm(seeds, desc=f"evaluate {method}", leave=False)]
+        accuracies = torch.tensor([r["accuracy"] for r in runs])
+        return {
+            "mean": float(accuracies.mean()),
+            "std": float(accuracies.std()) if len(runs) > 1 else 0.0,
+            "per_class_accuracy": torch.tensor([r["per_class_accuracy"] for r in runs]).mean(0).tolist(),
+            "n_train": runs[0].get("n_train", ev.few_shot_k if method == "few_shot" else 0),
+            "runs": runs,
+        }
+
+    main_result = aggregate(ev.train_on)
+    baselines = {name: aggregate(name) for name in ev.baselines}
+    return {
+        "accuracy": main_result["mean"],
+        "accuracy_std": main_result["std"],
+        "per_class_accuracy": main_result["per_class_accuracy"],
+        "evaluation": {"train_on": ev.train_on, "method": ev.method, "n_eval": len(splits.evaluation),
+                       "n_dev": len(splits.dev), **main_result},
+        "baselines": {name: {k: b[k] for k in ("mean", "std", "per_class_accuracy", "n_train")}
+                      for name, b in baselines.items()},
+    }

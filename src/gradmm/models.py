@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -69,6 +70,13 @@ class LM:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    # model.autocast on CUDA: matmuls in this dtype, weights and reductions kept in `dtype`.
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @property
     def decoder(self) -> torch.nn.Module:
@@ -94,7 +102,8 @@ class LM:
         if lengths is not None:
             positions = torch.arange(ref.shape[1], device=ref.device)
             mask = (positions[None, :] < lengths[:, None]).long()
-        out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask)
+        with self.autocast():
+            out = self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask)
         hidden = out.last_hidden_state
         if lengths is None:
             return hidden[:, -1]
@@ -124,7 +133,13 @@ def load_lm(cfg: DictConfig, cache_dir: str | Path) -> LM:
     model.to(device=device, dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LM(model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    if cfg.compile:
+        # dynamic: batch and length change with every projection position and candidate count.
+        getattr(model, model.base_model_prefix).compile(dynamic=True)
+    autocast = getattr(torch, cfg.autocast) if cfg.autocast and device.type == "cuda" else None
+    if cfg.autocast and autocast is None:
+        log.info("model.autocast=%s applies on CUDA only; running in %s on %s", cfg.autocast, dtype, device)
+    return LM(model=model, tokenizer=tokenizer, device=device, dtype=dtype, autocast_dtype=autocast)
 
 
 def _gguf_model(cfg: DictConfig, cache_dir: str | Path, dtype: torch.dtype, extra: dict):

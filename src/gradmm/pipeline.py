@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,17 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from gradmm import artifacts
+from gradmm import artifacts, privacy
 from gradmm.admm import NumericalFault, RoundState, run_round, start_round
 from gradmm.config import ConfigError, validate
-from gradmm.filtering import filter_examples
-from gradmm.finetune import (
-    Classifier,
-    evaluate_trained,
-    few_shot_demonstrations,
-    make_splits,
-    train_and_select,
-)
+from gradmm.filtering import filter_stage
+from gradmm.finetune import evaluate_stage
 from gradmm.gradients import (
     OutputLayer,
     class_targets,
@@ -35,6 +30,8 @@ from gradmm.gradients import (
 )
 from gradmm.models import LM, load_lm, load_tokenizer, mean_nll
 from gradmm.projection import MatchingContext, allowed_vocabulary
+from gradmm.sweeps import objective_value
+from gradmm.target_cache import cached_targets
 from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
 from gradmm.tracking import Tracker
 
@@ -111,17 +108,21 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
+    # A stage reads what this job made, or else what the earlier job in data.synthetic_from made.
     source = out_dir if "generate" in cfg.stages else Path(cfg.data.synthetic_from)
+    filtered = (out_dir if "filter" in cfg.stages else source) / "synthetic_filtered.jsonl"
+    synthetic = {"synthetic": source / "synthetic.jsonl", "synthetic_filtered": filtered}
     tracker = Tracker(cfg, out_dir)
     try:
         if "generate" in cfg.stages and "n_synthetic" not in summary:
             summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
+            summary["leakage"] = leakage_audit(cfg, out_dir)
             artifacts.write_json(summary_path, summary)
         if "filter" in cfg.stages and "filter" not in summary:
-            summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir)
+            summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir, tracker)
             artifacts.write_json(summary_path, summary)
         if "evaluate" in cfg.stages and "accuracy" not in summary:
-            summary.update(evaluate_stage(cfg, setup, lm, source if "filter" not in cfg.stages else out_dir, out_dir))
+            summary.update(evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker))
             artifacts.write_json(summary_path, summary)
         tracker.summary(summary)
         tracker.finish(0)
@@ -131,95 +132,41 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         raise
 
 
-def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path) -> dict:
-    rows = artifacts.read_jsonl(source / "synthetic.jsonl")
-    n_classes = len(cfg.task.label_names)
-    predictions = None
-    if cfg.filter.classifier == "zero_shot":
-        predictions = Classifier(lm, setup.verbalizer).predict([row["text"] for row in rows]).tolist()
-    kept, dropped = filter_examples(
-        rows, predictions, n_classes, cfg.filter.n_per_class, cfg.filter.near_duplicate, cfg.filter.log_ppl_weight
+def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
+    """What the synthetic texts share with the real examples the generator saw. An audit: it reloads
+    those examples itself (under privacy=dp generation could not) and feeds nothing back."""
+    real = stratified_sample(
+        load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
     )
-    artifacts.write_jsonl(out_dir / "synthetic_filtered.jsonl", kept)
-    return {"n_in": len(rows), "n_kept": len(kept), "dropped": dropped}
-
-
-def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path) -> dict:
-    """Accuracy of the model fine-tuned on `evaluate.train_on`, over `evaluate.seeds`, with the
-    baselines next to it. Each trained model's result is saved on its own, so a re-run resumes."""
-    ev, n_classes = cfg.evaluate, len(cfg.task.label_names)
-    evaluation = load_split(cfg, cfg.task.eval_split)
-    if ev.max_eval is not None and ev.max_eval < len(evaluation):
-        evaluation = stratified_sample(evaluation, ev.max_eval, n_classes, cfg.seed + 3)
-    splits = make_splits(load_split(cfg, cfg.task.train_split), evaluation, setup.real, ev.n_dev, n_classes, cfg.seed)
-    classifier = Classifier(lm, setup.verbalizer)
-    results_dir = out_dir / "evaluation"
-    results_dir.mkdir(exist_ok=True)
-
-    def training_set(method: str, seed: int) -> list[Example]:
-        if method in ("synthetic", "synthetic_filtered"):
-            name = "synthetic.jsonl" if method == "synthetic" else "synthetic_filtered.jsonl"
-            return [Example(r["text"], r["label"], i) for i, r in enumerate(artifacts.read_jsonl(source / name))]
-        if method == "real_seen":
-            return list(setup.real)
-        return stratified_sample(splits.pool, ev.n_train, n_classes, cfg.seed + 100 + seed)
-
-    def run(method: str, seed: int) -> dict:
-        path = results_dir / f"{method}_seed{seed}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        if method == "zero_shot":
-            result = classifier.accuracy(splits.evaluation, n_classes)
-        elif method == "few_shot":
-            demos = few_shot_demonstrations(setup.real, ev.few_shot_k, n_classes, cfg.seed + seed)
-            result = classifier.accuracy(splits.evaluation, n_classes, classifier.demonstrations(demos))
-        else:
-            train = training_set(method, seed)
-            selected = train_and_select(lm, setup.verbalizer, train, splits.dev, cfg, n_classes, cfg.seed + seed)
-            result = {
-                **evaluate_trained(lm, setup.verbalizer, selected, splits.evaluation, n_classes),
-                "n_train": len(train),
-                **{k: selected[k] for k in ("dev_accuracy", "lr", "step", "dev_curve")},
-            }
-        artifacts.write_json(path, result)
-        return result
-
-    def aggregate(method: str) -> dict:
-        seeds = [0] if method == "zero_shot" else list(ev.seeds)
-        runs = [run(method, seed) for seed in tqdm(seeds, desc=f"evaluate {method}", leave=False)]
-        accuracies = torch.tensor([r["accuracy"] for r in runs])
-        return {
-            "mean": float(accuracies.mean()),
-            "std": float(accuracies.std()) if len(runs) > 1 else 0.0,
-            "per_class_accuracy": torch.tensor([r["per_class_accuracy"] for r in runs]).mean(0).tolist(),
-            "runs": runs,
-        }
-
-    main_result = aggregate(ev.train_on)
-    baselines = {name: aggregate(name) for name in ev.baselines}
-    return {
-        "accuracy": main_result["mean"],
-        "accuracy_std": main_result["std"],
-        "per_class_accuracy": main_result["per_class_accuracy"],
-        "evaluation": {"train_on": ev.train_on, "n_eval": len(splits.evaluation), "n_dev": len(splits.dev),
-                       **main_result},
-        "baselines": {name: {"mean": b["mean"], "std": b["std"]} for name, b in baselines.items()},
-    }
+    synthetic = [row["text"] for row in artifacts.read_jsonl(out_dir / "synthetic.jsonl")]
+    rows, figures = privacy.leakage_report(synthetic, [ex.text for ex in real])
+    artifacts.write_jsonl(out_dir / "leakage.jsonl", rows)
+    return {**figures, "audit": "post hoc; never used by generation"}
 
 
 def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
     head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
-    targets = compute_targets(cfg, setup, lm, head)
+    targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
+    if release:
+        # From here on generation sees only the noisy targets and public configuration.
+        setup = dataclasses.replace(setup, real=privacy.RealDataReleased())
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
-    return score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
+    summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
+    return {**summary, **({"privacy": release} if release else {})}
 
 
-def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> list[torch.Tensor]:
-    """Per class, the mean last-layer gradient of the real examples of that class."""
+def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> tuple[list[torch.Tensor], dict]:
+    """Per class, the mean last-layer gradient of the real examples of that class, or its private
+    release under privacy=dp (with the release's facts: noise multiplier, spent epsilon, ...)."""
     labels = [ex.label for ex in setup.real]
     inputs = setup.verbalizer.encode(lm.tokenizer, [ex.text for ex in setup.real])
-    return class_targets(text_features(lm, head, inputs, labels), labels, len(cfg.task.label_names))
+    feats = text_features(lm, head, inputs, labels)
+    n_classes = len(cfg.task.label_names)
+    if cfg.privacy.name == "dp":
+        release = privacy.release_targets(feats, labels, n_classes, cfg, torch.Generator().manual_seed(cfg.seed))
+        return release.targets, release.facts
+    return class_targets(feats, labels, n_classes), {}
 
 
 def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker, out_dir: Path):
@@ -333,15 +280,17 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
 
     random_texts = _random_texts(lm, allowed, len(rows), cfg.generation.seq_len, cfg.seed)
     random_scores = score_texts(lm, setup, head, targets, random_texts, labels, cfg.matching.distance)
-    real_labels = [ex.label for ex in setup.real]
-    real_scores = score_texts(
-        lm, setup, head, targets, [ex.text for ex in setup.real], real_labels, cfg.matching.distance
-    )
+    real_scores = None
+    if not isinstance(setup.real, privacy.RealDataReleased):
+        real_labels = [ex.label for ex in setup.real]
+        real_scores = _figures(score_texts(
+            lm, setup, head, targets, [ex.text for ex in setup.real], real_labels, cfg.matching.distance
+        ))
     summary = {
         "n_synthetic": len(rows),
         **_figures(synthetic),
         "random_baseline": _figures(random_scores),
-        "real_examples": _figures(real_scores),
+        "real_examples": real_scores,
         "seconds": time.perf_counter() - started,
         "output_dir": str(out_dir),
         "failed_rounds": failed,
@@ -357,7 +306,7 @@ def _random_texts(lm: LM, allowed: torch.Tensor, n: int, length: int, seed: int)
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Validates, runs, prints where the outputs are; returns the objective sweepers minimise."""
+    """Validates, runs, prints where the outputs are; returns cfg.objective.metric for sweepers."""
     from hydra.core.hydra_config import HydraConfig
 
     validate(cfg)
@@ -376,7 +325,7 @@ def main(cfg: DictConfig) -> float | None:
               file=sys.stderr)
         sys.exit(130)
     print_summary(summary, out_dir)
-    return summary.get("accuracy", summary.get("grad_distance_set"))
+    return objective_value(cfg, summary)
 
 
 def _raise_interrupt(signum, frame):
@@ -389,12 +338,22 @@ def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
         print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_mean':>20}{'log_ppl_mean':>14}")
         for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
                               ("real examples", summary["real_examples"])]:
+            if figures is None:  # privacy=dp: the real examples were not reachable
+                continue
             print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_mean']:>20.4f}"
                   f"{figures['log_ppl_mean']:>14.2f}")
         rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
         print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
         for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:
             print(f"  [{row['label_name']}] d={row['grad_distance']:.4f} log_ppl={row['log_ppl']:.2f}  {row['text']}")
+    if "privacy" in summary:
+        p = summary["privacy"]
+        print(f"\nprivacy: ({p['spent_epsilon']:.3g}, {p['delta']:.3g})-DP targets, noise multiplier "
+              f"{p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['relation']} ({p['accountant']})")
+    if "leakage" in summary:
+        leak = summary["leakage"]
+        print(f"leakage audit: longest word n-gram shared with a real example {leak['max_shared_ngram']} "
+              f"(mean {leak['mean_shared_ngram']:.1f}); {leak['n_sharing_8gram']} texts share an 8-gram")
     if "filter" in summary:
         f = summary["filter"]
         print(f"\nfilter: kept {f['n_kept']} of {f['n_in']} (dropped: {f['dropped']})")

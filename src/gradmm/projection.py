@@ -60,16 +60,25 @@ ChooseFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def decode(lm: LM, prefix_ids: list[int], n_rows: int, length: int, choose: ChooseFn) -> torch.Tensor:
-    """Left-to-right decode with the KV cache: `choose(t, logprobs)` returns each row's token at t."""
+def decode(
+    lm: LM, prefix_ids: list[int], n_rows: int, length: int, choose: ChooseFn, *, reuse_cache: bool = True
+) -> torch.Tensor:
+    """Left-to-right decode: `choose(t, logprobs)` returns each row's token at t.
+
+    reuse_cache=False re-runs the model over the whole prefix at every position (the reference code's
+    way, same tokens): kept as the baseline the benchmark compares the KV-cached decode against.
+    """
     ids = torch.tensor([prefix_ids] * n_rows, device=lm.device)
-    cache = DynamicCache(config=lm.model.config)
-    logits = lm.model(input_ids=ids, cache=cache, use_cache=True).logits
+    cache = DynamicCache(config=lm.model.config) if reuse_cache else None
+    with lm.autocast():
+        logits = lm.model(input_ids=ids, cache=cache, use_cache=reuse_cache, logits_to_keep=1).logits
     tokens = torch.empty(n_rows, length, dtype=torch.long, device=lm.device)
     for t in range(length):
         tokens[:, t] = choose(t, torch.log_softmax(logits[:, -1].float(), dim=-1))
         if t + 1 < length:
-            logits = lm.model(input_ids=tokens[:, t : t + 1], cache=cache, use_cache=True).logits
+            step = tokens[:, t : t + 1] if reuse_cache else torch.cat([ids, tokens[:, : t + 1]], dim=1)
+            with lm.autocast():
+                logits = lm.model(input_ids=step, cache=cache, use_cache=reuse_cache, logits_to_keep=1).logits
     return tokens
 
 
@@ -88,13 +97,15 @@ def project_nearest(lm: LM, points: torch.Tensor, allowed: torch.Tensor) -> torc
     return cosine_topk_mask(lm, points, allowed, 1).float().argmax(dim=-1)
 
 
-def project_topk_lm(lm: LM, points: torch.Tensor, allowed: torch.Tensor, topk: int, prefix_ids: list[int]):
+def project_topk_lm(
+    lm: LM, points: torch.Tensor, allowed: torch.Tensor, topk: int, prefix_ids: list[int], *, reuse_cache: bool = True
+):
     pool = cosine_topk_mask(lm, points, allowed, topk)
 
     def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
         return logprobs.masked_fill(~pool[:, t], -float("inf")).argmax(dim=-1)
 
-    return decode(lm, prefix_ids, points.shape[0], points.shape[1], choose)
+    return decode(lm, prefix_ids, points.shape[0], points.shape[1], choose, reuse_cache=reuse_cache)
 
 
 @dataclass
@@ -126,6 +137,37 @@ class MatchingContext:
         return grad
 
 
+class _MatchingScorer:
+    """Features of B sequences under edits at one position, with the KV cache of the whole current
+    sequences (matching input: text then prompt, no lm_prefix) kept so that a candidate at position t
+    only runs positions t.. through the model. The decided positions < t are shared by every candidate
+    of a row, and positions > t still hold `current`, so nothing else can be reused."""
+
+    def __init__(self, lm: LM, ctx: MatchingContext, tokens: torch.Tensor):
+        self.lm, self.ctx = lm, ctx
+        self.prompt = torch.tensor(ctx.prompt_ids, device=tokens.device)
+        self.feats, self.kv = self.run(tokens, torch.arange(tokens.shape[0], device=tokens.device), 0)
+
+    def run(self, tokens: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[GradFeatures, list]:
+        """Features of `tokens` (N x L), whose positions < t equal those of rows `rows` of the cache."""
+        config = self.lm.model.config
+        if t == 0:
+            cache = DynamicCache(config=config)
+        else:
+            cache = DynamicCache([(k[rows, :, :t], v[rows, :, :t]) for k, v in self.kv], config=config)
+        ids = torch.cat([tokens[:, t:], self.prompt.expand(len(tokens), -1)], dim=1)
+        with self.lm.autocast():
+            hidden = self.lm.decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[:, -1]
+        labels = torch.full((len(tokens),), self.ctx.label, device=tokens.device)
+        return self.ctx.head.features(hidden, labels), [(layer.keys, layer.values) for layer in cache.layers]
+
+    def accept(self, rows: torch.Tensor, feats: GradFeatures, kv: list, picks: torch.Tensor) -> None:
+        """Rows `rows` now hold the sequences that produced entries `picks` of (feats, kv)."""
+        self.feats.a[rows], self.feats.h[rows] = feats.a[picks], feats.h[picks]
+        for (k, v), (k_new, v_new) in zip(self.kv, kv):
+            k[rows], v[rows] = k_new[picks], v_new[picks]
+
+
 def project_matching_lm(
     lm: LM,
     points: torch.Tensor,
@@ -138,18 +180,26 @@ def project_matching_lm(
     exact_candidates: int,
     match_weight: float,
     prefix_ids: list[int],
+    incremental: bool = True,
 ) -> torch.Tensor:
     """`current` (B x L tokens, the previous z) fills the positions not yet decoded when a candidate's
-    matching loss is evaluated, so every candidate is scored on a complete sequence."""
+    matching loss is evaluated, so every candidate is scored on a complete sequence.
+
+    incremental=False scores every candidate with a full forward of its whole sequence; the default
+    picks the same tokens (up to float rounding) while running only the candidates that can win and
+    change a row (valid, not the current token, whose change is exactly 0), from position t on.
+    """
     n_rows, length = current.shape
     pool = cosine_topk_mask(lm, points, allowed, topk)
     emb = lm.input_embeddings
     grad = ctx.distance_gradient(lm, current)  # first-order pre-ranking only
     chosen = current.clone()
-    feats = ctx.features(lm, chosen)
-    rows = torch.arange(n_rows, device=current.device).repeat_interleave(exact_candidates)
+    scorer = _MatchingScorer(lm, ctx, chosen) if incremental else None
+    feats = scorer.feats if incremental else ctx.features(lm, chosen)
+    row_ids = torch.arange(n_rows, device=current.device)
 
     def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
+        nonlocal feats
         likely = torch.zeros_like(pool[:, t]).scatter_(-1, logprobs.topk(lm_topk, dim=-1).indices, True)
         candidates_mask = pool[:, t] & likely
         # An empty intersection falls back to the cosine pool alone (topk_lm's rule).
@@ -163,17 +213,34 @@ def project_matching_lm(
         # when a candidate is better on LM log-probability plus matching: z does not drift at random.
         ranking.scatter_(-1, chosen[:, t : t + 1], float("inf"))
         cand = ranking.topk(exact_candidates, dim=-1).indices  # B x J
-        valid = candidates_mask.gather(-1, cand) | (cand == chosen[:, t : t + 1])
-        trial = chosen.repeat_interleave(exact_candidates, dim=0)
-        trial[:, t] = cand.reshape(-1)
-        trial_feats = ctx.features(lm, trial)
-        nonlocal feats
-        dist = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance)
+        keep = cand == chosen[:, t : t + 1]
+        valid = candidates_mask.gather(-1, cand) | keep
         base = set_distance(feats, ctx.target, ctx.distance)
-        score = logprobs.gather(-1, cand) - match_weight * (dist.view(n_rows, -1) - base)
+        if incremental:
+            rows, slots = (valid & ~keep).nonzero(as_tuple=True)
+            dist = base.expand(n_rows, exact_candidates).clone()
+            if len(rows):
+                trial = chosen[rows]
+                trial[:, t] = cand[rows, slots]
+                trial_feats, trial_kv = scorer.run(trial, rows, t)
+                dist[rows, slots] = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance)
+        else:
+            trial = chosen.repeat_interleave(exact_candidates, dim=0)
+            trial[:, t] = cand.reshape(-1)
+            trial_feats = ctx.features(lm, trial)
+            rows = row_ids.repeat_interleave(exact_candidates)
+            dist = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance).view(n_rows, -1)
+        score = logprobs.gather(-1, cand) - match_weight * (dist - base)
         best = score.masked_fill(~valid, -float("inf")).argmax(dim=-1)
+        if incremental:
+            changed = (~keep.gather(-1, best[:, None])).squeeze(-1).nonzero().squeeze(-1)
+            if len(changed):
+                entry = torch.full_like(cand, -1)
+                entry[rows, slots] = torch.arange(len(rows), device=cand.device)
+                scorer.accept(changed, trial_feats, trial_kv, entry[changed, best[changed]])
+        else:
+            feats = trial_feats.select(row_ids * exact_candidates + best)
         chosen[:, t] = cand.gather(-1, best[:, None]).squeeze(-1)
-        feats = trial_feats.select(torch.arange(n_rows, device=best.device) * exact_candidates + best)
         return chosen[:, t]
 
     return decode(lm, prefix_ids, n_rows, length, choose)

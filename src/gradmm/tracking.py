@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm.sweeps import MAX_TAG, SWEEP_GROUP_ENV, job_overrides
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def resolve_mode(requested: str) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str = "generate"):
+    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str | None = None):
         self.metrics_path = out_dir / "metrics.jsonl"
         self.run = None
         mode = resolve_mode(cfg.tracker.mode)
@@ -51,9 +53,10 @@ class Tracker:
                 resume="allow",
                 project=cfg.tracker.project,
                 entity=cfg.tracker.entity,
-                group=cfg.tracker.group,
-                tags=list(cfg.tracker.tags),
-                job_type=job_type,
+                # The jobs of a sweep share its group; each is tagged with the overrides that set it apart.
+                group=cfg.tracker.group or os.environ.get(SWEEP_GROUP_ENV),
+                tags=list(cfg.tracker.tags) + [o[:MAX_TAG] for o in job_overrides()],
+                job_type=job_type or "+".join(cfg.stages),
                 mode=mode,
                 dir=str(out_dir),
                 config=OmegaConf.to_container(cfg, resolve=True),

@@ -1,0 +1,290 @@
+"""How fast the generator is, against the floors that bound it.
+
+    make bench                                  # full: the job's model, B in {8, 32}, L in {16, 64}
+    python benchmarks/bench.py --smoke          # tiny random model, seconds (CI runs it)
+    python benchmarks/bench.py model.dtype=float32 model.autocast=bfloat16 model.compile=true  # on a GPU
+
+Any argument of the form key=value is a Hydra override of the job config (conf/config.yaml). Per batch
+size and length it times the inner ADMM step against one plain forward+backward to the input embeddings
+(its floor), and the projections against one forward of the batch: topk_lm (KV-cached decode),
+topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default)
+and, where affordable, matching_lm scoring every candidate with a full forward. It also estimates the
+default job's generation seconds per synthetic example from its first outer steps. Writes
+outputs/bench/bench.json (one record per configuration) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gradmm import artifacts
+from gradmm.admm import inner_step, run_round, start_round
+from gradmm.config import register_configs, validate
+from gradmm.gradients import OutputLayer, set_distance
+from gradmm.models import LM, load_lm
+from gradmm.pipeline import compute_targets, prepare
+from gradmm.projection import MatchingContext, allowed_vocabulary, project_matching_lm, project_topk_lm
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
+        "e2e_outer_steps": 1, "overrides": ["tracker=disabled"]}
+SMOKE = {"batch_sizes": (2, 4), "seq_lens": (4, 8), "repeats": 1, "plain_matching_max_tokens": 10**9,
+         "e2e_outer_steps": 1,
+         "overrides": ["model=tiny", "tracker=disabled", "generation.n_real=8", "admm.inner_steps=2",
+                       "admm.outer_steps=2", "projector.topk=20", "projector.lm_topk=20",
+                       "projector.exact_candidates=2"]}
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far (Linux
+    reports kilobytes), which only grows, so it bounds every configuration measured up to here."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_1min": os.getloadavg()[0],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def bench_shape(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, batch_size: int, seq_len: int,
+                mode: dict) -> dict:
+    device, proj, repeats = lm.device, cfg.projector, mode["repeats"]
+    shape_cfg = cfg.copy()
+    with open_dict(shape_cfg):
+        shape_cfg.generation.batch_size, shape_cfg.generation.seq_len = batch_size, seq_len
+    reset_peak_memory(device)
+    state = start_round(lm, shape_cfg, ctx, allowed, prefix_ids, torch.Generator().manual_seed(0))
+    x = state.x.clone().requires_grad_(True)
+    u, z = torch.zeros_like(x), state.z
+    z_emb = lm.input_embeddings[z].float()
+    optimizer = torch.optim.Adam([x], lr=cfg.admm.lr)
+    inner_s = timed(lambda: inner_step(lm, ctx, x, z_emb, u, optimizer, cfg.admm), device, repeats)
+
+    prompt = lm.input_embeddings[torch.tensor(ctx.prompt_ids, device=device)]
+    inputs = torch.cat([x.detach().to(lm.dtype), prompt.expand(batch_size, -1, -1)], dim=1)
+
+    def forward():
+        with torch.no_grad():
+            lm.last_hidden(inputs_embeds=inputs)
+
+    def forward_backward():
+        leaf = inputs.detach().requires_grad_(True)
+        lm.last_hidden(inputs_embeds=leaf).float().sum().backward()
+
+    forward_s = timed(forward, device, repeats)
+    fwd_bwd_s = timed(forward_backward, device, repeats)
+
+    points = x.detach() + u
+    matching = dict(topk=proj.topk, lm_topk=proj.lm_topk, exact_candidates=proj.exact_candidates,
+                    match_weight=proj.match_weight, prefix_ids=prefix_ids)
+    # Projections are the slow part: timed once each, after the model is warm.
+    results = {}
+
+    def run_projection(name, fn):
+        _sync(device)
+        started = time.perf_counter()
+        results[name] = fn()
+        _sync(device)
+        return time.perf_counter() - started
+
+    topk_s = run_projection("topk_lm", lambda: project_topk_lm(lm, points, allowed, proj.topk, prefix_ids))
+    naive_s = run_projection(
+        "naive", lambda: project_topk_lm(lm, points, allowed, proj.topk, prefix_ids, reuse_cache=False)
+    )
+    matching_s = run_projection(
+        "matching_lm", lambda: project_matching_lm(lm, points, z, allowed, ctx, **matching)
+    )
+    plain_s = same_tokens = None
+    if batch_size * seq_len <= mode["plain_matching_max_tokens"]:
+        plain_s = run_projection(
+            "plain", lambda: project_matching_lm(lm, points, z, allowed, ctx, incremental=False, **matching)
+        )
+        same_tokens = bool(torch.equal(results["plain"], results["matching_lm"]))
+    with torch.no_grad():
+        distance = set_distance(ctx.features(lm, results["matching_lm"]), ctx.target, ctx.distance).item()
+    return {
+        "kind": "shape",
+        "model": cfg.model.name,
+        "device": str(device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "autocast": None if lm.autocast_dtype is None else str(lm.autocast_dtype).removeprefix("torch."),
+        "compile": bool(cfg.model.compile),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "prompt_len": len(ctx.prompt_ids),
+        "inner_step_s": inner_s,
+        "fwd_bwd_s": fwd_bwd_s,
+        "inner_step_over_fwd_bwd": inner_s / fwd_bwd_s,
+        "forward_s": forward_s,
+        "projector": "matching_lm",
+        "projection_s": matching_s,
+        "projection_over_forward": matching_s / forward_s,
+        "topk_lm_projection_s": topk_s,
+        "topk_lm_over_forward": topk_s / forward_s,
+        "naive_projection_s": naive_s,
+        "naive_projection_over_forward": naive_s / forward_s,
+        "naive_same_tokens": bool(torch.equal(results["naive"], results["topk_lm"])),
+        "matching_plain_projection_s": plain_s,
+        "matching_plain_same_tokens": same_tokens,
+        "matching_grad_distance_z": distance,
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
+def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps: int) -> dict:
+    """Generation seconds per synthetic example of the job `cfg` describes: the targets, then one
+    round per class, run for `outer_steps` outer steps and extrapolated to admm.outer_steps.
+    Scoring, filtering and evaluation are not included."""
+    device, n_classes, gen = lm.device, len(cfg.task.label_names), cfg.generation
+    reset_peak_memory(device)
+    _sync(device)
+    started = time.perf_counter()
+    targets, _ = compute_targets(cfg, setup, lm, head)
+    _sync(device)
+    targets_s = time.perf_counter() - started
+    short = cfg.copy()
+    with open_dict(short):
+        short.admm.outer_steps = outer_steps
+        short.generation.checkpoint_every = outer_steps + 1
+    round_s = []
+    for k in range(n_classes):
+        ctx = MatchingContext(head, targets[k], k, setup.verbalizer.prompt_ids, cfg.matching.distance)
+        state = start_round(lm, short, ctx, allowed, setup.prefix_ids, torch.Generator().manual_seed(k))
+        run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
+        start_s, outer = state.records[0]["seconds"], [r["seconds"] for r in state.records[1:]]
+        round_s.append(start_s + cfg.admm.outer_steps * statistics.mean(outer))
+    total = targets_s + gen.rounds * sum(round_s)
+    return {
+        "kind": "end_to_end",
+        "model": cfg.model.name,
+        "device": str(device),
+        "batch_size": gen.batch_size,
+        "seq_len": gen.seq_len,
+        "rounds": gen.rounds,
+        "outer_steps": cfg.admm.outer_steps,
+        "inner_steps": cfg.admm.inner_steps,
+        "projector": cfg.projector.name,
+        "measured_outer_steps": outer_steps,
+        "targets_s": targets_s,
+        "round_s": statistics.mean(round_s),
+        "generation_s": total,
+        "n_synthetic": n_classes * gen.rounds * gen.batch_size,
+        "s_per_synthetic_example": total / (n_classes * gen.rounds * gen.batch_size),
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
+def print_table(records: list[dict]) -> None:
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    print(f"{'B':>4}{'L':>5}{'inner s':>9}{'fwd+bwd':>9}{'ratio':>7}{'fwd s':>8}{'topk_lm':>9}{'x fwd':>7}"
+          f"{'naive':>9}{'x fwd':>7}{'matching':>10}{'x fwd':>7}{'plain':>9}{'peak MB':>9}")
+    for r in (r for r in records if r["kind"] == "shape"):
+        print(f"{r['batch_size']:>4}{r['seq_len']:>5}{r['inner_step_s']:>9.3f}{r['fwd_bwd_s']:>9.3f}"
+              f"{r['inner_step_over_fwd_bwd']:>7.2f}{r['forward_s']:>8.3f}{r['topk_lm_projection_s']:>9.3f}"
+              f"{r['topk_lm_over_forward']:>7.1f}{r['naive_projection_s']:>9.3f}"
+              f"{r['naive_projection_over_forward']:>7.1f}{r['projection_s']:>10.3f}"
+              f"{r['projection_over_forward']:>7.1f}{num(r['matching_plain_projection_s'], '9.3f'):>9}"
+              f"{r['peak_mem_mb']:>9.0f}")
+    for r in (r for r in records if r["kind"] == "end_to_end"):
+        print(f"end to end ({r['model']}, {r['device']}, B={r['batch_size']}, L={r['seq_len']}, "
+              f"{r['outer_steps']}x{r['inner_steps']} steps, {r['projector']}): "
+              f"{r['s_per_synthetic_example']:.2f} s per synthetic example "
+              f"(from {r['measured_outer_steps']} measured outer step(s) per class; generation only)")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and shapes: seconds")
+    parser.add_argument("--out", default="outputs/bench/bench.json")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="instead of the mode's")
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="instead of the mode's")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the job config")
+    args = parser.parse_args(argv)
+    mode = SMOKE if args.smoke else FULL
+    cfg = load_config(mode["overrides"] + args.overrides)
+    validate(cfg)
+    setup = prepare(cfg)
+    started_info = machine()
+    lm = load_lm(cfg.model, cfg.paths.cache_dir)
+    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    torch.manual_seed(cfg.seed)
+
+    records = [bench_end_to_end(lm, cfg, setup, head, allowed, mode["e2e_outer_steps"])]
+    targets, _ = compute_targets(cfg, setup, lm, head)
+    label = len(targets) - 1
+    ctx = MatchingContext(head, targets[label], label, setup.verbalizer.prompt_ids, cfg.matching.distance)
+    for batch_size in args.batch_sizes or mode["batch_sizes"]:
+        for seq_len in args.seq_lens or mode["seq_lens"]:
+            records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))
+            print(f"  measured B={batch_size} L={seq_len}", file=sys.stderr, flush=True)
+    info = {**started_info, "load_average_1min_end": os.getloadavg()[0], "mode": "smoke" if args.smoke else "full",
+            "overrides": mode["overrides"] + args.overrides, "config": OmegaConf.to_container(cfg.projector)}
+    records = [{**r, "machine": info} for r in records]
+    artifacts.write_json(args.out, records)
+    print_table(records)
+    print(f"load average {info['load_average_1min']:.1f} -> {info['load_average_1min_end']:.1f} "
+          f"on {info['cpu_count']} CPUs ({info['torch_threads']} torch threads); wrote {args.out}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
