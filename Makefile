@@ -7,8 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 # The real datasets live beside the repository (never copied into it); see README.
 export GRADMM_DATA_DIR ?= $(abspath ../shared/data)
 ARGS ?=
+# Job directories, or folders holding them, for compare and wandb-sync.
+RUNS ?= outputs/runs
 
-.PHONY: help setup run test test-fast lint validate bench clean reproduce-cpu
+.PHONY: help setup run test test-fast lint validate bench bench-smoke compare wandb-sync clean reproduce-cpu
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,7 +42,20 @@ test-fast: setup  ## tests that do not load the embedded model
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup  ## ruff
-	$(BIN)/ruff check src tests run.py experiments
+	$(BIN)/ruff check src tests run.py experiments benchmarks
+
+bench: setup  ## speed vs forward/backward floors, B 8,32 x L 16,64 (tens of minutes on CPU); writes outputs/bench/bench.json
+	$(BIN)/python benchmarks/bench.py $(ARGS)
+
+bench-smoke: setup  ## the same on a tiny random model in seconds (tests/test_bench.py runs it in CI)
+	$(BIN)/python benchmarks/bench.py --smoke $(ARGS)
+
+compare: setup  ## one self-contained HTML page comparing the jobs under RUNS="dir ..." (e.g. a sweep's)
+	$(BIN)/python -m gradmm.report $(RUNS)
+
+wandb-sync: setup  ## upload the offline W&B runs of the jobs under RUNS (needs a W&B API key)
+	@runs="$$(find $(RUNS) -type d -path '*/wandb/offline-run-*' -prune)"; \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under $(RUNS)"; else $(BIN)/wandb sync --yes $$runs; fi
 
 clean:  ## remove run outputs (not .venv/)
 	rm -rf outputs

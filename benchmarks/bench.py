@@ -102,8 +102,10 @@ def machine() -> dict:
     return info
 
 
-def bench_shape(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, batch_size: int, seq_len: int,
-                mode: dict) -> dict:
+def bench_shape(
+    lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, batch_size: int, seq_len: int,
+    mode: dict,
+) -> dict:
     device, proj, repeats = lm.device, cfg.projector, mode["repeats"]
     shape_cfg = cfg.copy()
     with open_dict(shape_cfg):
@@ -251,20 +253,28 @@ def print_table(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model and shapes: seconds")
     parser.add_argument("--out", default="outputs/bench/bench.json")
+    # On a CPU shared with other jobs, 2 threads on 2 busy cores ran 6-8x slower than 1 thread here.
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="instead of the mode's")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="instead of the mode's")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the job config")
     args = parser.parse_args(argv)
     mode = SMOKE if args.smoke else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(mode["overrides"] + args.overrides)
     validate(cfg)
     setup = prepare(cfg)
     started_info = machine()
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
-    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+    head = OutputLayer.build(
+        lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss
+    )
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     torch.manual_seed(cfg.seed)
 
@@ -276,8 +286,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seq_len in args.seq_lens or mode["seq_lens"]:
             records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))
             print(f"  measured B={batch_size} L={seq_len}", file=sys.stderr, flush=True)
-    info = {**started_info, "load_average_1min_end": os.getloadavg()[0], "mode": "smoke" if args.smoke else "full",
-            "overrides": mode["overrides"] + args.overrides, "config": OmegaConf.to_container(cfg.projector)}
+    info = {**started_info, "load_average_1min_end": os.getloadavg()[0],
+            "mode": "smoke" if args.smoke else "full", "overrides": mode["overrides"] + args.overrides,
+            "projector_config": OmegaConf.to_container(cfg.projector)}
     records = [{**r, "machine": info} for r in records]
     artifacts.write_json(args.out, records)
     print_table(records)

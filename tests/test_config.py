@@ -111,6 +111,7 @@ BAD = [
     ("evaluate.seeds=[]", "evaluate.seeds"),
     ("generation.max_restarts=-1", "generation.max_restarts"),
     ("generation.checkpoint_every=0", "generation.checkpoint_every"),
+    ("task.max_text_tokens=4", "generation.seq_len=6 is longer than task.max_text_tokens=4"),
 ]
 
 
@@ -158,3 +159,12 @@ def test_validation_runs_before_the_model_loads(tmp_path):
     assert "admm.rho=-1" in result.stderr + result.stdout
     assert not list(tmp_path.rglob("synthetic.jsonl"))
 
+
+@pytest.mark.parametrize("override,named", [("projector.topk=10000000", "projector.topk=10000000"),
+                                            ("projector.lm_topk=10000000", "projector.lm_topk=10000000")])
+def test_sizes_beyond_the_vocabulary_fail_with_the_tokenizer_alone(override, named, monkeypatch):
+    import gradmm.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_lm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match=named):
+        pipeline.prepare(compose_config([*TINY, override]))

@@ -227,8 +227,10 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == results
     assert "NOT the full protocol" in (tmp_path / "results" / "tiny.md").read_text()
 
-    # Interrupted after some trained models: the re-run trains only the missing ones.
-    (next(tmp_path.glob("runs/*/*/evaluation/real_seen_seed0.json"))).unlink()
+    # Interrupted before the real_seen model was saved: the re-run trains only that one.
+    saved = next(tmp_path.glob("runs/*/*/evaluation/real_seen_seed0.json"))
+    saved.unlink()
+    (saved.parent.parent / "summary.json").unlink()
     trained = []
     real = finetune.train_and_select
     monkeypatch.setattr(finetune, "train_and_select", lambda lm, v, train, *a, **k: (

@@ -9,6 +9,8 @@ lowest discrete matching loss, which is what the method is judged by.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +51,22 @@ class RoundState:
     optimizer: dict
     best: RoundResult
     records: list[dict] = field(default_factory=list)
+    # The global torch RNG states: nothing in a round draws from them today, but a library call that
+    # did would otherwise make a resumed round differ from an uninterrupted one.
+    rng: dict = field(default_factory=dict)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +132,8 @@ def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_i
             "primal_residual": 0.0,
             "seconds": time.perf_counter() - started,
         }
-    return RoundState(1, x.detach(), torch.zeros_like(x), z, optimizer.state_dict(), RoundResult(z, distance, 0), [record])
+    return RoundState(1, x.detach(), torch.zeros_like(x), z, optimizer.state_dict(),
+                      RoundResult(z, distance, 0), [record], rng_state(lm.device))
 
 
 def run_round(
@@ -129,8 +148,9 @@ def run_round(
 ) -> RoundResult:
     """Runs outer steps state.next_step..admm.outer_steps; `state` may come from a checkpoint.
 
-    Every random draw of a round happens in start_round, so a resumed round is bit-identical to an
-    uninterrupted one.
+    on_checkpoint receives the state after every `generation.checkpoint_every` outer steps, and after
+    the last finished one when a KeyboardInterrupt (SIGINT, or SIGTERM turned into one) stops the
+    round. A round continued from any of these states is bit-identical to an uninterrupted one.
     """
     admm = cfg.admm
     emb = lm.input_embeddings
@@ -138,38 +158,50 @@ def run_round(
     u, z, best = state.u.clone(), state.z.clone(), state.best
     optimizer = torch.optim.Adam([x], lr=admm.lr)
     optimizer.load_state_dict(state.optimizer)
-
-    for outer in range(state.next_step, admm.outer_steps + 1):
-        started = time.perf_counter()
-        z_emb = emb[z].float()
-        for _ in range(admm.inner_steps):
-            loss = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
-            if not torch.isfinite(loss):
-                raise NumericalFault(f"matching loss became {loss.item()} at outer step {outer}")
-        with torch.no_grad():
-            if not torch.isfinite(x).all():
-                raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
-            grad_distance_x = matching_loss_continuous(lm, ctx, x).item()
-            z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
+    if state.rng:
+        set_rng_state(state.rng, lm.device)
+    latest, saved_step = state, state.next_step - 1
+    try:
+        for outer in range(state.next_step, admm.outer_steps + 1):
+            started = time.perf_counter()
             z_emb = emb[z].float()
-            u += x - z_emb
-            grad_distance_z = set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item()
-            log_ppl_z = mean_nll(lm, prefix_ids, z.tolist()).mean().item()
-            primal_residual = (x - z_emb).norm(dim=-1).mean().item()
-        if grad_distance_z < best.grad_distance:
-            best = RoundResult(z.clone(), grad_distance_z, outer)
-        record = {
-            "outer_step": outer,
-            "grad_distance_x": grad_distance_x,
-            "grad_distance_z": grad_distance_z,
-            "log_ppl_z": log_ppl_z,
-            "primal_residual": primal_residual,
-            "seconds": time.perf_counter() - started,
-        }
-        state.records.append(record)
-        on_outer_step(record)
-        if outer < admm.outer_steps and outer % cfg.generation.checkpoint_every == 0:
-            on_checkpoint(RoundState(
-                outer + 1, x.detach().clone(), u.clone(), z.clone(), optimizer.state_dict(), best, state.records
-            ))
+            for _ in range(admm.inner_steps):
+                loss = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
+                if not torch.isfinite(loss):
+                    raise NumericalFault(f"matching loss became {loss.item()} at outer step {outer}")
+            with torch.no_grad():
+                if not torch.isfinite(x).all():
+                    raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
+                grad_distance_x = matching_loss_continuous(lm, ctx, x).item()
+                z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
+                z_emb = emb[z].float()
+                u += x - z_emb
+                grad_distance_z = set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item()
+                if not math.isfinite(grad_distance_z):
+                    raise NumericalFault(f"token matching loss became {grad_distance_z} at step {outer}")
+                log_ppl_z = mean_nll(lm, prefix_ids, z.tolist()).mean().item()
+                primal_residual = (x - z_emb).norm(dim=-1).mean().item()
+            if grad_distance_z < best.grad_distance:
+                best = RoundResult(z.clone(), grad_distance_z, outer)
+            record = {
+                "outer_step": outer,
+                "grad_distance_x": grad_distance_x,
+                "grad_distance_z": grad_distance_z,
+                "log_ppl_z": log_ppl_z,
+                "primal_residual": primal_residual,
+                "seconds": time.perf_counter() - started,
+            }
+            state.records.append(record)
+            # Copies: Adam updates its moment tensors in place, and x, u, z move on.
+            latest = RoundState(outer + 1, x.detach().clone(), u.clone(), z.clone(),
+                                copy.deepcopy(optimizer.state_dict()), best, list(state.records),
+                                rng_state(lm.device))
+            on_outer_step(record)
+            if outer < admm.outer_steps and outer % cfg.generation.checkpoint_every == 0:
+                on_checkpoint(latest)
+                saved_step = outer
+    except KeyboardInterrupt:
+        if latest.next_step - 1 > saved_step:
+            on_checkpoint(latest)
+        raise
     return best

@@ -6,18 +6,29 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import torch
 
 
 def write_atomic(path: str | Path, text: str) -> None:
+    _atomically(path, "w", lambda f: f.write(text))
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save, atomically: a checkpoint is either the previous one or the new one, whole."""
+    _atomically(path, "wb", lambda f: torch.save(obj, f))
+
+
+def _atomically(path: str | Path, mode: str, write: Callable[[IO], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

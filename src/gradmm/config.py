@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,9 @@ class PathsConfig:
     data_dir: Optional[str] = None
     output_root: str = "outputs"
     cache_dir: str = "${oc.env:GRADMM_CACHE,${oc.env:HOME}/.cache/gradmm}"
+    # Per-class target gradients shared by the jobs of a sweep (gradmm.target_cache): on a cluster, a
+    # filesystem every job sees.
+    target_cache_dir: str = "${paths.cache_dir}/targets"
 
 
 @dataclass
@@ -209,25 +213,39 @@ class Config:
     cache_targets: bool = True
 
 
-# The keys that decide what a job computes. The job directory is named after their hash, so the same
-# science always finds its earlier work and different science never shares a directory.
-SCIENCE_KEYS = ("seed", "task", "model", "admm", "projector", "generation", "matching", "privacy", "stages", "data",
-                "filter", "evaluate")
+# The keys that do not change what a job computes: how it runs, where it writes, what it reports and
+# how often it saves. The job directory is named after a hash of every other key, so re-running the
+# same science finds its earlier work, and different science never shares a directory (a new key is
+# science until it is listed here). `stages` says how much of the job to do, not what any stage makes.
+NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
+                    "generation.checkpoint_every")
+
+
+def science_config(cfg: DictConfig) -> dict:
+    """cfg resolved, without hydra's node and NON_SCIENCE_KEYS."""
+    science = {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items_ex(resolve=True)
+        if key != "hydra" and key not in NON_SCIENCE_KEYS
+    }
+    for key in NON_SCIENCE_KEYS:
+        *parents, leaf = key.split(".")
+        node = science
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return science
 
 
 def science_hash(cfg: DictConfig) -> str:
-    science = {
-        k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-        for k in SCIENCE_KEYS
-        if k in cfg
-    }
-    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(science_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _run_id(*, _root_: DictConfig) -> str:
     run_id = science_hash(_root_)
     if not _root_.get("resume", True):
-        run_id += f"-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
+        # Unique even for jobs started in the same second.
+        run_id += f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     return run_id
 
 
@@ -248,6 +266,8 @@ INITS = ("lm_sample", "random")
 STAGES = ("generate", "filter", "evaluate")
 PRIVACY = ("none", "dp")
 RELATIONS = ("add_remove", "replace_one")
+# Evaluations that train on or show the model the generator's real examples: not private.
+PRIVATE_EVALUATIONS = ("real_seen", "few_shot")
 FILTER_CLASSIFIERS = ("zero_shot", "few_shot", "none")
 FINETUNE_METHODS = ("full", "lora")
 TRAIN_ON = ("synthetic", "synthetic_filtered", "real_seen", "real_random")
@@ -324,8 +344,10 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
     _choice(problems, "model.dtype", cfg.model.dtype, DTYPES)
     if cfg.model.autocast is not None:
         _choice(problems, "model.autocast", cfg.model.autocast, AUTOCAST_DTYPES)
-        if cfg.model.device in ("cpu", "mps"):
-            problems.append(f"model.autocast={cfg.model.autocast!r} needs CUDA, but model.device={cfg.model.device!r}.")
+        if cfg.model.autocast in AUTOCAST_DTYPES and cfg.model.device in ("cpu", "mps"):
+            problems.append(
+                f"model.autocast={cfg.model.autocast!r} needs CUDA, but model.device={cfg.model.device!r}."
+            )
     _choice(problems, "projector.name", proj.name, PROJECTORS)
     _choice(problems, "matching.loss", cfg.matching.loss, MATCHING_LOSSES)
     _choice(problems, "matching.distance", cfg.matching.distance, DISTANCES)
@@ -352,6 +374,20 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
                 "such a delta allows releasing a real example outright."
             )
         _positive(problems, "privacy.clip", privacy.clip)
+        if not cfg.cache_targets:
+            problems.append(
+                "privacy=dp needs cache_targets=true: the cache keeps the one noisy release, so a resumed "
+                "job or another process does not draw a fresh one, spending the privacy budget again."
+            )
+        if "evaluate" in cfg.stages:
+            for key, value in [("evaluate.train_on", cfg.evaluate.train_on),
+                               *(("evaluate.baselines", b) for b in cfg.evaluate.baselines)]:
+                if value in PRIVATE_EVALUATIONS:
+                    problems.append(
+                        f"{key} includes {value!r}, which reads the real examples the DP guarantee covers; "
+                        "with privacy=dp use synthetic, synthetic_filtered, zero_shot or real_random, and "
+                        "compare with that baseline from a privacy=none job."
+                    )
     stages = list(cfg.stages)
     for stage in stages:
         _choice(problems, "stages", stage, STAGES)
@@ -413,6 +449,7 @@ def validate(cfg: DictConfig, available_tasks: tuple[str, ...] = (), available_m
                         f"generation.n_real={gen.n_real} needs {per_class} examples of class {name!r} "
                         f"but split {task.train_split!r} has {counts.get(source_label, 0)}."
                     )
+    _check_generation(problems, cfg)
     _check_filter_and_evaluate(problems, cfg, counts)
     _check_objective(problems, cfg)
     if problems:
@@ -449,6 +486,16 @@ def _check_objective(problems: list[str], cfg: DictConfig) -> None:
         problems.append(f"hydra.sweeper.direction={sweeper_direction!r} disagrees with "
                         f"objective.direction={cfg.objective.direction!r}: the sweeper would optimise the "
                         "wrong way (hydra/sweeper=search takes objective.direction).")
+
+
+def _check_generation(problems: list[str], cfg: DictConfig) -> None:
+    """Rules that tie the generated sequences to the stages that read them."""
+    seq_len, max_tokens = cfg.generation.seq_len, cfg.task.max_text_tokens
+    if isinstance(seq_len, int) and isinstance(max_tokens, int) and 0 < max_tokens < seq_len:
+        problems.append(
+            f"generation.seq_len={seq_len} is longer than task.max_text_tokens={max_tokens}: scoring, "
+            "filtering and fine-tuning would read only the first tokens of every synthetic text."
+        )
 
 
 def _check_filter_and_evaluate(problems: list[str], cfg: DictConfig, train_counts: dict[int, int]) -> None:

@@ -1,7 +1,8 @@
 """Keep the best synthetic examples (method.md section 6).
 
 Rules, in order: drop texts the model, as a zero-shot or few-shot classifier with the task's
-verbalizer (`finetune.Classifier`, the classifier evaluation measures), assigns to another class;
+verbalizer (`finetune.Classifier`, the classifier evaluation measures; its scores calibrated by
+their mean over the set), assigns to another class;
 rank each class by the example's own gradient distance (plus `log_ppl_weight` x its log-perplexity);
 drop exact and near duplicates (word-set Jaccard similarity at or above `near_duplicate`, keeping
 the better-ranked one); balance the classes and keep at most `n_per_class`.
@@ -74,7 +75,11 @@ def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: P
             # (config.validate refuses this under privacy=dp, where even those are off limits).
             demos = few_shot_demonstrations(setup.real, flt.few_shot_k, n_classes, cfg.seed)
             prefix = classifier.demonstrations(demos)
-        predictions = classifier.predict([row["text"] for row in rows], prefix).tolist()
+        scores = classifier.scores([row["text"] for row in rows], prefix)
+        # Calibrated by the mean score of each label word over the set (contextual calibration): an
+        # untuned model's bias towards one label word (SmolLM2 zero-shot on SST-2) otherwise assigns
+        # every text to one class, and balancing then empties the whole set.
+        predictions = (scores - scores.mean(0)).argmax(-1).tolist()
     kept, dropped = filter_examples(rows, predictions, n_classes, flt.n_per_class, flt.near_duplicate,
                                     flt.log_ppl_weight)
     artifacts.write_jsonl(out_dir / "synthetic_filtered.jsonl", kept)

@@ -88,16 +88,18 @@ class Classifier:
         return prefix
 
     @torch.no_grad()
-    def predict(self, texts: list[str], prefix: list[int] = ()) -> torch.Tensor:
+    def scores(self, texts: list[str], prefix: list[int] = ()) -> torch.Tensor:
+        """Label-word logits, one row per text (on the CPU)."""
         was_training = self.lm.model.training
         self.lm.model.eval()
         inputs = [list(prefix) + ids for ids in self.verbalizer.encode(self.lm.tokenizer, texts)]
-        predictions = [
-            self.logits(inputs[i : i + self.batch_size]).argmax(-1).cpu()
-            for i in range(0, len(inputs), self.batch_size)
-        ]
+        scores = [self.logits(inputs[i : i + self.batch_size]).float().cpu()
+                  for i in range(0, len(inputs), self.batch_size)]
         self.lm.model.train(was_training)
-        return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+        return torch.cat(scores) if scores else torch.zeros(0, len(self.verbalizer.label_token_ids))
+
+    def predict(self, texts: list[str], prefix: list[int] = ()) -> torch.Tensor:
+        return self.scores(texts, prefix).argmax(-1)
 
     def accuracy(self, examples: list[Example], n_classes: int, prefix: list[int] = ()) -> dict:
         predictions = self.predict([ex.text for ex in examples], prefix)

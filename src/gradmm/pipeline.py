@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ from gradmm.gradients import (
     set_distance,
     text_features,
 )
-from gradmm.models import LM, load_lm, load_tokenizer, mean_nll
+from gradmm.models import LM, load_lm, load_tokenizer, mean_nll, resolve_device
 from gradmm.projection import MatchingContext, allowed_vocabulary
 from gradmm.sweeps import objective_value
 from gradmm.target_cache import cached_targets
@@ -45,7 +46,8 @@ class Setup:
     tokenizer: object
     verbalizer: Verbalizer
     prefix_ids: list[int]
-    real: list[Example]
+    # Under privacy=dp a `privacy.PrivateExamples`, sealed by the private release.
+    real: list[Example] | privacy.PrivateExamples
 
 
 def prepare(cfg: DictConfig) -> Setup:
@@ -60,11 +62,15 @@ def prepare(cfg: DictConfig) -> Setup:
         problems.append(
             f"projector.topk={cfg.projector.topk} is larger than the allowed vocabulary ({n_allowed} tokens)."
         )
+    if cfg.projector.lm_topk > len(tokenizer):
+        problems.append(f"projector.lm_topk={cfg.projector.lm_topk} is larger than the vocabulary ({len(tokenizer)}).")
     if problems:
         raise ConfigError(problems)
     real = stratified_sample(
         load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
     )
+    if cfg.privacy.name == "dp":
+        real = privacy.PrivateExamples(real)
     prefix_ids = tokenizer.encode(cfg.task.lm_prefix, add_special_tokens=False)
     return Setup(tokenizer, verbalizer, prefix_ids, real)
 
@@ -102,7 +108,9 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
     """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    main_process = processes(cfg).is_main_process
+    if main_process:
+        artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     setup = prepare(cfg)
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
     torch.manual_seed(cfg.seed)
@@ -112,19 +120,29 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
     source = out_dir if "generate" in cfg.stages else Path(cfg.data.synthetic_from)
     filtered = (out_dir if "filter" in cfg.stages else source) / "synthetic_filtered.jsonl"
     synthetic = {"synthetic": source / "synthetic.jsonl", "synthetic_filtered": filtered}
+    if not main_process:
+        # Under `accelerate launch` the other processes only generate their share of the rounds; the
+        # main process collects them and runs everything after.
+        if "generate" in cfg.stages and "n_synthetic" not in summary:
+            generate(cfg, out_dir, setup, lm, Tracker(cfg, out_dir, active=False), started)
+        return summary
     tracker = Tracker(cfg, out_dir)
     try:
         if "generate" in cfg.stages and "n_synthetic" not in summary:
             summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
             summary["leakage"] = leakage_audit(cfg, out_dir)
             artifacts.write_json(summary_path, summary)
+        # Also when generation was done by an earlier run or job: no later stage reads the private examples.
+        privacy.seal(setup.real)
         if "filter" in cfg.stages and "filter" not in summary:
             summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir, tracker)
             artifacts.write_json(summary_path, summary)
         if "evaluate" in cfg.stages and "accuracy" not in summary:
             summary.update(evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker))
             artifacts.write_json(summary_path, summary)
-        tracker.summary(summary)
+        # Under privacy=dp the audit, a function of the private examples, stays on this machine.
+        private = cfg.privacy.name == "dp"
+        tracker.summary({k: v for k, v in summary.items() if not (private and k == "leakage")})
         tracker.finish(0)
         return summary
     except BaseException:
@@ -133,57 +151,85 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
-    """What the synthetic texts share with the real examples the generator saw. An audit: it reloads
-    those examples itself (under privacy=dp generation could not) and feeds nothing back."""
+    """What the synthetic texts share with the real examples the generator saw (leakage.jsonl and
+    summary figures). A post-hoc audit: it reloads those examples itself, since under privacy=dp they
+    are sealed, and nothing reads its result back."""
     real = stratified_sample(
         load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
     )
     synthetic = [row["text"] for row in artifacts.read_jsonl(out_dir / "synthetic.jsonl")]
     rows, figures = privacy.leakage_report(synthetic, [ex.text for ex in real])
     artifacts.write_jsonl(out_dir / "leakage.jsonl", rows)
-    return {**figures, "audit": "post hoc; never used by generation"}
+    audit = "post hoc, never used by generation"
+    if cfg.privacy.name == "dp":
+        audit += "; reads the private examples, so it is outside the DP guarantee: do not publish it"
+    return {**figures, "audit": audit}
 
 
 def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
     head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
     targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
-    if release:
-        # From here on generation sees only the noisy targets and public configuration.
-        setup = dataclasses.replace(setup, real=privacy.RealDataReleased())
+    # From here on only the (noisy, under privacy=dp) targets and public configuration are readable.
+    privacy.seal(setup.real)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
+    if not processes(cfg).is_main_process:
+        return {}
     summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
     return {**summary, **({"privacy": release} if release else {})}
 
 
 def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head: OutputLayer) -> tuple[list[torch.Tensor], dict]:
     """Per class, the mean last-layer gradient of the real examples of that class, or its private
-    release under privacy=dp (with the release's facts: noise multiplier, spent epsilon, ...)."""
+    release under privacy=dp (with the release's facts: noise multiplier, spent epsilon, ...). Each
+    call under privacy=dp is a fresh release that spends the budget again: the target cache is what
+    makes re-runs, resumed jobs and other processes reuse one."""
     labels = [ex.label for ex in setup.real]
     inputs = setup.verbalizer.encode(lm.tokenizer, [ex.text for ex in setup.real])
     feats = text_features(lm, head, inputs, labels)
     n_classes = len(cfg.task.label_names)
     if cfg.privacy.name == "dp":
-        release = privacy.release_targets(feats, labels, n_classes, cfg, torch.Generator().manual_seed(cfg.seed))
+        release = privacy.release_targets(feats, labels, cfg, privacy.secret_generator())
         return release.targets, release.facts
     return class_targets(feats, labels, n_classes), {}
+
+
+def processes(cfg: DictConfig) -> PartialState:
+    """This process's place under `accelerate launch` (a single process otherwise)."""
+    return PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
 
 
 def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker, out_dir: Path):
     """Every (class, round) batch of synthetic sequences, as output rows (text, label, round), and
     the rounds that failed. Finished rounds and the round in progress live in out_dir/rounds/, so a
-    re-run continues where the last one stopped, with identical results."""
+    re-run continues where the last one stopped, with identical results.
+
+    Under `accelerate launch` each process runs its share of the unfinished rounds; the main process
+    then collects all of them, and the others get ([], [])."""
     task, gen = cfg.task, cfg.generation
+    procs = processes(cfg)
     rounds_dir = out_dir / "rounds"
     rounds_dir.mkdir(exist_ok=True)
     jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
+    pending = [job for job in jobs if _load_round(rounds_dir, *job) is None]
+    if procs.is_main_process:
+        # Checkpoints that a killed job was writing when it died.
+        for orphan in rounds_dir.glob(".*.tmp"):
+            orphan.unlink()
+        _rewrite_metrics(tracker, rounds_dir, jobs)
+    # Every process lists the unfinished rounds before any process saves one: all split the same list.
+    procs.wait_for_everyone()
+    with procs.split_between_processes(pending) as mine:
+        for k, r in tqdm(mine, desc="rounds", unit="round", disable=not procs.is_main_process):
+            _run_round_with_restarts(cfg, setup, lm, head, targets[k], allowed, tracker, rounds_dir, k, r)
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        return [], []
     done = {job: _load_round(rounds_dir, *job) for job in jobs}
-    _rewrite_metrics(tracker, rounds_dir, jobs, done)
-    for k, r in tqdm(jobs, desc="rounds", unit="round"):
-        if done[(k, r)] is None:
-            done[(k, r)] = _run_round_with_restarts(cfg, setup, lm, head, targets[k], allowed, tracker, rounds_dir, k, r)
+    _rewrite_metrics(tracker, rounds_dir, jobs)
     rows = [row for job in jobs for row in done[job]["rows"]]
-    failed = [{"class": k, "round": r, "error": done[(k, r)]["failed"]} for k, r in jobs if done[(k, r)].get("failed")]
+    failed = [{"class": job[0], "round": job[1], "error": done[job]["failed"]}
+              for job in jobs if done[job].get("failed")]
     return rows, failed
 
 
@@ -197,74 +243,82 @@ def _load_round(rounds_dir: Path, k: int, r: int) -> dict | None:
     return json.loads(finished.read_text()) if finished.is_file() else None
 
 
-def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, done) -> None:
-    """metrics.jsonl holds exactly the steps that survive in saved rounds and checkpoints, so steps
-    recomputed after a resume are not logged twice."""
+def _load_checkpoint(state_path: Path) -> dict:
+    """The round in progress: its attempt number, the faults of earlier attempts, and its RoundState
+    (None right after a fault: the attempt starts from its fresh initialisation)."""
+    if state_path.is_file():
+        return torch.load(state_path, weights_only=False)
+    return {"attempt": 0, "faults": [], "state": None}
+
+
+def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: RoundState | None) -> None:
+    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": state})
+
+
+def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs) -> None:
+    """metrics.jsonl holds exactly the outer steps that survive in saved rounds and checkpoints, in job
+    order: steps recomputed after a resume, or by another process, are logged once."""
     records = []
     for k, r in jobs:
-        saved = done[(k, r)]
-        if saved is None:
-            _, state_path = _round_paths(rounds_dir, k, r)
-            saved = {"records": torch.load(state_path, weights_only=False).records} if state_path.is_file() else None
-        if saved is not None:
-            records += [{"class": k, "round": r, **rec} for rec in saved["records"]]
+        finished, state_path = _round_paths(rounds_dir, k, r)
+        if finished.is_file():
+            saved = json.loads(finished.read_text())["records"]
+        else:
+            state = _load_checkpoint(state_path)["state"]
+            saved = state.records if state is not None else []
+        records += [{"class": k, "round": r, **rec} for rec in saved]
     artifacts.write_jsonl(tracker.metrics_path, records)
 
 
-def _run_round_with_restarts(cfg, setup, lm, head, target, allowed, tracker, rounds_dir, k, r) -> dict:
-    task = cfg.task
+def _run_round_with_restarts(cfg, setup, lm, head, target, allowed, tracker, rounds_dir, k, r) -> None:
+    task, max_attempts = cfg.task, cfg.generation.max_restarts + 1
     finished, state_path = _round_paths(rounds_dir, k, r)
     ctx = MatchingContext(head, target, k, setup.verbalizer.prompt_ids, cfg.matching.distance)
-    steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False)
+    steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False,
+                 disable=not processes(cfg).is_main_process)
 
     def on_outer_step(record):
         tracker.log({"class": k, "round": r, **record})
         steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
         steps.update()
 
-    def on_checkpoint(state: RoundState):
-        _save_torch(state, state_path)
-
-    error = None
-    for attempt in range(cfg.generation.max_restarts + 1):
-        if state_path.is_file():
-            state = torch.load(state_path, weights_only=False)
-            steps.update(state.next_step - 1 - steps.n)
-        else:
-            # Seeded by (seed, class, round, attempt) alone, so rounds are independent of each other
-            # and of the order they run in.
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt)
-            state = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, generator)
+    checkpoint = _load_checkpoint(state_path)
+    attempt, faults, state = checkpoint["attempt"], checkpoint["faults"], checkpoint["state"]
+    while attempt < max_attempts:
+        if state is None:
+            # Seeded by (seed, class, round, attempt) alone, so rounds are independent of each other, of
+            # the order they run in and of the process that runs them.
+            seed = cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt
+            torch.manual_seed(seed)
+            state = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, torch.Generator().manual_seed(seed))
+            # Saved before it is logged, like every later step: whatever metrics.jsonl shows survives a kill.
+            _save_checkpoint(state_path, attempt, faults, state)
             for record in state.records:
                 tracker.log({"class": k, "round": r, **record})
+        else:
+            steps.update(state.next_step - 1 - steps.n)
         try:
-            result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, state, on_outer_step, on_checkpoint)
+            result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, state, on_outer_step,
+                               functools.partial(_save_checkpoint, state_path, attempt, faults))
             break
         except NumericalFault as fault:
-            error = f"{fault} (attempt {attempt + 1} of {cfg.generation.max_restarts + 1})"
-            log.warning("class %s round %d: %s; restarting from a fresh initialisation", task.label_names[k], r, error)
-            state_path.unlink(missing_ok=True)
+            faults.append(f"attempt {attempt + 1} of {max_attempts}: {fault}")
+            log.warning("class %s round %d: %s", task.label_names[k], r, faults[-1])
+            attempt, state = attempt + 1, None
             steps.reset()
-    else:
-        steps.close()
-        saved = {"rows": [], "records": [], "failed": error}
-        artifacts.write_json(finished, saved)
-        return saved
+            # A job killed now resumes with the next attempt, as this one would have gone on.
+            _save_checkpoint(state_path, attempt, faults, None)
     steps.close()
-    rows = [
-        {"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k], "round": r}
-        for seq in result.tokens.tolist()
-    ]
-    saved = {"rows": rows, "records": state.records, "best_outer_step": result.best_outer_step}
+    if attempt == max_attempts:
+        log.warning("class %s round %d failed %d times; the others go on", task.label_names[k], r, attempt)
+        saved = {"rows": [], "records": [], "failed": faults[-1], "faults": faults}
+    else:
+        rows = [{"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k],
+                 "round": r} for seq in result.tokens.tolist()]
+        saved = {"rows": rows, "records": state.records, "best_outer_step": result.best_outer_step,
+                 "faults": faults, "process": processes(cfg).process_index}
     artifacts.write_json(finished, saved)
     state_path.unlink(missing_ok=True)
-    return saved
-
-
-def _save_torch(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started, failed) -> dict:
@@ -281,7 +335,7 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
     random_texts = _random_texts(lm, allowed, len(rows), cfg.generation.seq_len, cfg.seed)
     random_scores = score_texts(lm, setup, head, targets, random_texts, labels, cfg.matching.distance)
     real_scores = None
-    if not isinstance(setup.real, privacy.RealDataReleased):
+    if not privacy.is_sealed(setup.real):
         real_labels = [ex.label for ex in setup.real]
         real_scores = _figures(score_texts(
             lm, setup, head, targets, [ex.text for ex in setup.real], real_labels, cfg.matching.distance
@@ -315,21 +369,31 @@ def main(cfg: DictConfig) -> float | None:
         print("config is valid")
         return None
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    # SLURM sends SIGTERM before preemption: treat it like Ctrl-C so the W&B run is finished and the
-    # message below is printed; the last checkpoint (at most one outer step old) is already on disk.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    procs = processes(cfg)
+    if procs.num_processes > 1:
+        # Under `accelerate launch` every process names its own directory when resume=false (a
+        # timestamp); they all work in the main process's.
+        out_dir = Path(broadcast_object_list([str(out_dir)])[0])
+    # SLURM sends SIGTERM before preemption: treat it like Ctrl-C, so the round in progress is saved,
+    # the W&B run finished and the message below printed. A launcher that handles SIGTERM itself
+    # (submitit ignores it and requeues on its own signal) keeps its handler.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         summary = run_job(cfg, out_dir)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted. Progress is saved in {out_dir}/; run the same command again to resume.",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
+        print(f"\nInterrupted by {signal.Signals(signum).name}. Progress is saved in {out_dir}/; "
+              "run the same command again to resume.", file=sys.stderr)
+        sys.exit(128 + signum)
+    if not procs.is_main_process:
+        return None
     print_summary(summary, out_dir)
     return objective_value(cfg, summary)
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise KeyboardInterrupt(signum)
 
 
 def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:

@@ -1,29 +1,44 @@
 """Differentially private targets (method.md section 5) and the leakage audit.
 
+What is protected: the private dataset D is the generator's real examples (the stratified sample of
+`generation.n_real` from the training split). The guarantee covers everything a privacy=dp job derives
+from D: the targets, the synthetic texts, their scores, filtering, logged metrics and W&B. The number of
+examples per class is public: it is the class's quota in that stratified sample, a function of the
+config alone. Where D's rows sit in the training file (row numbers) is not protected either: the
+evaluation uses them, and only them, to keep its dev split disjoint from D. The rest of the training
+split and the evaluation split are the benchmark harness, outside D.
+
 The mechanism. Class k's target is released as
-    T_k = (sum_{b in class k} clip_C(g_b) + N(0, (sigma * Delta)^2 I)) / n_k,
+    T_k = (sum_{b in D, class k} clip_C(g_b) + N(0, (sigma * Delta)^2 I)) / n_k,
 where g_b = a_b h_b^T is example b's closed-form last-layer gradient, clip_C rescales it to Frobenius
-norm at most C (its norm is ||a_b|| * ||h_b||, so clipping rescales the feature rows: no per-example
-pass through the model), and n_k is the class's quota in the stratified sample of generation.n_real:
-a function of the config alone, hence public, and the divisor whatever the data.
+norm at most C (its norm is ||a_b|| * ||h_b||, so clipping rescales feature rows: no per-example pass
+through the model), and n_k is the public quota, so dividing by it is post-processing.
 
-Neighbouring relation and sensitivity: `add_remove` (default; dp-accounting's default relation): one
-real example more or less changes one class's sum by at most C, so Delta = C. `replace_one`: one
-example swapped for another changes it by at most 2C, so Delta = 2C. Every example belongs to exactly one
-class, so the per-class releases act on disjoint data and compose in parallel: the whole release is
-one Gaussian mechanism with noise multiplier sigma, which dp-accounting calibrates for (epsilon, delta).
+Neighbouring relation and sensitivity: `add_remove` (default, and dp-accounting's): D and D' differ by
+one example, added or removed; that changes one class's clipped sum by at most C, so Delta = C.
+`replace_one`: one example swapped for another changes it by at most 2C, so Delta = 2C. Every example
+belongs to exactly one class, so the per-class releases act on disjoint parts of D and compose in
+parallel: the whole release is one Gaussian mechanism with noise multiplier sigma, which dp-accounting
+calibrates for (epsilon, delta). The noise comes from operating-system entropy, never from the (public)
+config seed, which would let anyone subtract it. Caveat, as for every float Gaussian sampler: the noise
+is not hardened against floating-point attacks on its low-order bits.
 
-Why dp-accounting: Google's maintained accountant library with privacy-loss-distribution accounting
-(tight for a single Gaussian release) and a generic calibration routine, pure Python; Opacus brings a
+Why dp-accounting: Google's maintained accountant library, with privacy-loss-distribution accounting
+(tight for one Gaussian release) and a generic calibration routine, in pure Python. Opacus would bring a
 DP-SGD training stack we do not use, and prv-accountant only accounts, it does not calibrate.
 
-After the release nothing in generation may read real data: `RealDataReleased` replaces the real
-examples, and any access raises. The leakage audit is the one exception, explicitly: it reloads the
-examples to measure what the synthetic texts share with them, and its result is never fed back.
+After the release nothing may read D: `PrivateExamples.seal` keeps only the row numbers, and reading an
+example's text or label raises `PrivacyError`. The leakage audit is the one, explicit, exception: a
+post-hoc check that reloads D to measure what the synthetic texts share with it; its result is never fed
+back into generation, and under privacy=dp it is kept out of W&B.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import re
+import secrets
 from dataclasses import dataclass
 
 import dp_accounting
@@ -31,27 +46,72 @@ import torch
 from dp_accounting import pld
 from omegaconf import DictConfig
 
-from gradmm.gradients import GradFeatures, mean_gradient
+from gradmm.gradients import GradFeatures
+from gradmm.tasks import Example, class_quotas
 
 ACCOUNTANT = "dp_accounting.pld.PLDAccountant"
 
 
 class PrivacyError(RuntimeError):
-    """Real data was reached after the private release."""
+    """The private examples were read after the private release."""
 
 
-class RealDataReleased:
-    """Stands in for the real examples after the private release: every use raises."""
-
-    def _refuse(self, *args, **kwargs):
-        raise PrivacyError(
-            "the real examples are not reachable after the private release (privacy=dp): "
-            "use the noisy targets or public configuration instead"
-        )
-
-    __iter__ = __len__ = __getitem__ = __bool__ = _refuse
+def _refuse(*args, **kwargs):
+    raise PrivacyError(
+        "the real examples are not readable after the private release (privacy=dp): "
+        "use the noisy targets or public configuration instead"
+    )
 
 
+class RedactedExample:
+    """A private example after the release: where it was in its split, not what it was."""
+
+    __slots__ = ("index",)
+    text = property(_refuse)
+    label = property(_refuse)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class PrivateExamples:
+    """The generator's real examples under privacy=dp: readable until `seal()`, then redacted."""
+
+    def __init__(self, examples: list[Example]):
+        self._examples: list[Example] | None = list(examples)
+        self._indices = [ex.index for ex in examples]
+
+    def seal(self) -> None:
+        self._examples = None
+
+    @property
+    def sealed(self) -> bool:
+        return self._examples is None
+
+    def _view(self) -> list:
+        return [RedactedExample(i) for i in self._indices] if self.sealed else self._examples
+
+    def __len__(self) -> int:  # n_real: public
+        return len(self._indices)
+
+    def __iter__(self):
+        return iter(self._view())
+
+    def __getitem__(self, item):
+        return self._view()[item]
+
+
+def seal(examples) -> None:
+    """Ends access to the private examples (privacy=dp); plain lists (privacy=none) stay readable."""
+    if isinstance(examples, PrivateExamples):
+        examples.seal()
+
+
+def is_sealed(examples) -> bool:
+    return isinstance(examples, PrivateExamples) and examples.sealed
+
+
+@functools.cache  # a root search over accountants: seconds, and a pure function
 def noise_multiplier(epsilon: float, delta: float) -> float:
     """Smallest sigma for which one Gaussian mechanism (noise std = sigma x sensitivity) is
     (epsilon, delta)-DP under the privacy-loss-distribution accountant."""
@@ -59,6 +119,7 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
                                                       epsilon, delta))
 
 
+@functools.cache
 def spent_epsilon(sigma: float, delta: float) -> float:
     accountant = pld.PLDAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(sigma))
@@ -66,31 +127,39 @@ def spent_epsilon(sigma: float, delta: float) -> float:
 
 
 def clip(feats: GradFeatures, max_norm: float) -> GradFeatures:
+    """Each example's gradient a_b h_b^T rescaled to Frobenius norm at most max_norm."""
     norms = feats.a.norm(dim=1) * feats.h.norm(dim=1)
-    scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    return GradFeatures(feats.a * scale[:, None], feats.h)
+    scale = (max_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
+    return GradFeatures(feats.a * scale[:, None].to(feats.a.dtype), feats.h)
+
+
+def secret_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 @dataclass
 class Release:
     targets: list[torch.Tensor]
-    facts: dict
+    facts: dict  # for summary.json and W&B
 
 
-def release_targets(feats: GradFeatures, labels: list[int], n_classes: int, cfg: DictConfig,
+def release_targets(feats: GradFeatures, labels: list[int], cfg: DictConfig,
                     generator: torch.Generator) -> Release:
+    """Per class, the clipped gradient sum plus calibrated Gaussian noise, over the public quota."""
     p = cfg.privacy
     sigma = noise_multiplier(p.epsilon, p.delta)
     sensitivity = p.clip * (2 if p.relation == "replace_one" else 1)
     clipped = clip(feats, p.clip)
     labels_t = torch.tensor(labels, device=feats.a.device)
+    quotas = class_quotas(cfg.generation.n_real, len(cfg.task.label_names))
     targets = []
-    for k in range(n_classes):
-        rows = labels_t == k
-        n_k = int(rows.sum())  # the public quota: see the module docstring
-        total = mean_gradient(clipped.select(rows)) * n_k
+    for k, quota in enumerate(quotas):
+        members = clipped.select(labels_t == k)
+        if len(members) != quota:
+            raise ValueError(f"class {k} has {len(members)} real examples, not its public quota {quota}.")
+        total = members.a.T @ members.h
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * (sigma * sensitivity)
-        targets.append((total + noise.to(total)) / n_k)
+        targets.append((total + noise.to(total)) / quota)
     facts = {
         "epsilon": p.epsilon,
         "delta": p.delta,
@@ -99,41 +168,46 @@ def release_targets(feats: GradFeatures, labels: list[int], n_classes: int, cfg:
         "noise_std": sigma * sensitivity,
         "clip": p.clip,
         "relation": p.relation,
+        "class_counts": quotas,
         "accountant": ACCOUNTANT,
     }
     return Release(targets, facts)
 
 
-def _words(text: str) -> list[str]:
-    return text.lower().split()
+_WORDS = re.compile(r"[a-z0-9']+")
 
 
-def longest_shared_ngram(a: list[str], b: list[str]) -> int:
-    """Length of the longest run of consecutive words common to both."""
-    best, previous = 0, [0] * (len(b) + 1)
-    for x in a:
-        current = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            if x == y:
-                current[j] = previous[j - 1] + 1
-                best = max(best, current[j])
-        previous = current
-    return best
+def words(text: str) -> list[str]:
+    return _WORDS.findall(text.lower())
+
+
+def longest_shared_ngram(a: list[str], b: list[str]) -> tuple[int, int]:
+    """(length, start in a) of the longest run of consecutive words common to a and b."""
+    match = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
+    return match.size, match.a
 
 
 def leakage_report(synthetic: list[str], real: list[str]) -> tuple[list[dict], dict]:
-    """Per synthetic text, the longest word n-gram it shares with any real text and the real text
-    sharing the most distinct words with it (Jaccard); plus summary figures."""
-    real_words = [_words(t) for t in real]
+    """Per synthetic text: the longest word n-gram it shares with any real text (and which), and the
+    nearest real text by word-set Jaccard similarity; plus the summary figures."""
+    real_words = [words(t) for t in real]
     real_sets = [set(w) for w in real_words]
     rows = []
     for text in synthetic:
-        words = _words(text)
-        shared = [longest_shared_ngram(words, r) for r in real_words]
-        overlap = [len(set(words) & s) / max(1, len(set(words) | s)) for s in real_sets]
+        w = words(text)
+        shared = [longest_shared_ngram(w, r) for r in real_words]
+        best = max(range(len(real)), key=lambda j: shared[j][0])
+        size, start = shared[best]
+        overlap = [len(set(w) & s) / max(1, len(set(w) | s)) for s in real_sets]
         nearest = max(range(len(real)), key=overlap.__getitem__)
-        rows.append({"text": text, "longest_shared_ngram": max(shared, default=0),
-                     "nearest_real": real[nearest], "nearest_jaccard": overlap[nearest]})
+        rows.append({
+            "text": text,
+            "longest_shared_ngram": size,
+            "shared_ngram": " ".join(w[start:start + size]),
+            "shared_with": real[best] if size else None,
+            "nearest_real": real[nearest],
+            "nearest_jaccard": overlap[nearest],
+        })
     lengths = [r["longest_shared_ngram"] for r in rows]
     return rows, {
         "max_shared_ngram": max(lengths, default=0),

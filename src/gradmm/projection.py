@@ -8,9 +8,10 @@ each row's next token.
 - topk_lm (the paper's): among the top-k allowed tokens by cosine, the one the LM likes best.
 - matching_lm: among the top-k by cosine that are also among the LM's `lm_topk` likely next tokens,
   or the current token, whichever maximises LM log-probability minus `match_weight` x the exact
-  change of the set's discrete matching loss. The paper's projection ignores x on SmolLM2 (method.md section 9); this one is pulled
-  toward lower discrete loss, which is what the method is judged by. `exact_candidates` per row and
-  position, pre-ranked by a first-order estimate, are scored exactly in one batched forward.
+  change of the set's discrete matching loss. The paper's projection ignores x on SmolLM2
+  (method.md section 9); this one is pulled toward lower discrete loss, which is what the method is
+  judged by. `exact_candidates` per row and position, pre-ranked by a first-order estimate, are scored
+  exactly in one batched forward that reuses the KV cache of the positions already decided.
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ def project_nearest(lm: LM, points: torch.Tensor, allowed: torch.Tensor) -> torc
 
 
 def project_topk_lm(
-    lm: LM, points: torch.Tensor, allowed: torch.Tensor, topk: int, prefix_ids: list[int], *, reuse_cache: bool = True
+    lm: LM,
+    points: torch.Tensor,
+    allowed: torch.Tensor,
+    topk: int,
+    prefix_ids: list[int],
+    *,
+    reuse_cache: bool = True,
 ):
     pool = cosine_topk_mask(lm, points, allowed, topk)
 
@@ -164,7 +171,7 @@ class _MatchingScorer:
     def accept(self, rows: torch.Tensor, feats: GradFeatures, kv: list, picks: torch.Tensor) -> None:
         """Rows `rows` now hold the sequences that produced entries `picks` of (feats, kv)."""
         self.feats.a[rows], self.feats.h[rows] = feats.a[picks], feats.h[picks]
-        for (k, v), (k_new, v_new) in zip(self.kv, kv):
+        for (k, v), (k_new, v_new) in zip(self.kv, kv, strict=True):
             k[rows], v[rows] = k_new[picks], v_new[picks]
 
 
@@ -205,9 +212,8 @@ def project_matching_lm(
         # An empty intersection falls back to the cosine pool alone (topk_lm's rule).
         empty = ~candidates_mask.any(dim=-1, keepdim=True)
         candidates_mask = torch.where(empty, pool[:, t], candidates_mask)
-        first_order = (emb.float() @ grad[:, t].float().T).T - (emb[chosen[:, t]].float() * grad[:, t].float()).sum(
-            -1, keepdim=True
-        )
+        g = grad[:, t].float()
+        first_order = (emb.float() @ g.T).T - (emb[chosen[:, t]].float() * g).sum(-1, keepdim=True)
         ranking = (logprobs - match_weight * first_order).masked_fill(~candidates_mask, -float("inf"))
         # The current token always competes (its matching change is 0), so a position only changes
         # when a candidate is better on LM log-probability plus matching: z does not drift at random.

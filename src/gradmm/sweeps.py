@@ -30,6 +30,8 @@ SWEEP_GROUP_ENV = "GRADMM_SWEEP_GROUP"
 # W&B's limits on a group name and on a tag.
 MAX_GROUP, MAX_TAG = 128, 64
 ERROR_FILE = "error.json"
+# Overrides that do not change what a sweep computes, left out of its name.
+UNNAMED = ("paths.", "tracker.", "hydra.")
 
 
 def objective_value(cfg: DictConfig, summary: dict) -> float | None:
@@ -79,15 +81,16 @@ def _record_failure(path: Path, error: str, trace: str | None) -> None:
 
 def sweep_name(config: DictConfig) -> str:
     """A name for the whole sweep: its command-line overrides (with their comma lists and ranges) and
-    its sweeper. Re-running the same sweep gives the same name, as its jobs find the same directories."""
-    parts = sorted(config.hydra.overrides.task)
+    its sweeper, leaving out where it writes and logs. Re-running the same sweep gives the same name, as
+    its jobs find the same directories."""
+    parts = sorted(o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(UNNAMED))
     sweeper = config.hydra.runtime.choices.get("hydra/sweeper")
     if sweeper not in (None, "basic"):
         parts.append(f"hydra/sweeper={sweeper}")
     name = " ".join(parts) or "multirun"
     if len(name) > MAX_GROUP:
         digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-        name = f"{name[: MAX_GROUP - 10]}.. {digest}"
+        name = f"{name[: MAX_GROUP - 11]}.. {digest}"
     return name
 
 
@@ -96,3 +99,4 @@ class SweepGroup(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_GROUP_ENV] = sweep_name(config)
+        log.info("this sweep's jobs share the W&B group %r", os.environ[SWEEP_GROUP_ENV])

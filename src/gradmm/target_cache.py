@@ -1,4 +1,5 @@
-"""On-disk cache of the per-class target gradients (and, under privacy=dp, their noisy release).
+"""On-disk cache (paths.target_cache_dir) of the per-class target gradients and, under privacy=dp,
+their noisy release.
 
 Every job of a sweep over generation settings (rho, top-k, steps, ...) needs the same targets; they
 cost a forward pass over the real examples per class (seconds on CPU, more for large models) and,
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,7 +52,8 @@ def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
     return {
         "model": _container(cfg, "model"),
         "task": _container(cfg, "task"),
-        "real": {"ids": [ex.index for ex in real], "labels": [ex.label for ex in real], "texts_sha256": texts},
+        "real": {"ids": [ex.index for ex in real], "labels": [ex.label for ex in real],
+                 "texts_sha256": texts},
         "seed": cfg.seed,
         "matching_loss": cfg.matching.loss,
         "privacy": _container(cfg, "privacy"),
@@ -63,7 +64,7 @@ def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
 
 def entry_path(cache_dir: str | Path, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / "targets" / f"{digest}.pt"
+    return Path(cache_dir) / f"{digest}.pt"
 
 
 def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.device,
@@ -72,7 +73,7 @@ def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.devic
     if not cfg.cache_targets:
         return _timed(compute, "computed (cache_targets=false)")
     key = target_key(cfg, real)
-    path = entry_path(cfg.paths.cache_dir, key)
+    path = entry_path(cfg.paths.target_cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):
         if path.is_file():
@@ -81,9 +82,9 @@ def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.devic
             log.info("targets: read from %s in %.2f s", path, time.perf_counter() - started)
             return entry["targets"], entry["release"]
         targets, release = _timed(compute, f"computed and stored in {path}")
-        _save(path, {"targets": [t.detach().cpu() for t in targets], "release": release})
         # The key beside the entry says what it holds, for whoever clears or audits the cache.
         artifacts.write_json(path.with_suffix(".key.json"), key)
+        artifacts.save_torch(path, {"targets": [t.detach().cpu() for t in targets], "release": release})
     return targets, release
 
 
@@ -92,12 +93,3 @@ def _timed(compute: Callable[[], Targets], what: str) -> Targets:
     result = compute()
     log.info("targets: %s in %.2f s", what, time.perf_counter() - started)
     return result
-
-
-def _save(path: Path, entry: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -97,6 +97,11 @@ def _read_hub(task: DictConfig, split: str) -> list[dict]:
     return [{"text": r[text_field], "label": int(r["label"])} for r in ds]
 
 
+def class_quotas(n: int, n_classes: int) -> list[int]:
+    """How many examples of each class `stratified_sample` draws: a function of n alone."""
+    return [n // n_classes + (1 if k < n % n_classes else 0) for k in range(n_classes)]
+
+
 def stratified_sample(examples: list[Example], n: int, n_classes: int, seed: int) -> list[Example]:
     """n examples, as even across classes as n allows (earlier classes get the remainder)."""
     rng = random.Random(seed)
@@ -104,8 +109,7 @@ def stratified_sample(examples: list[Example], n: int, n_classes: int, seed: int
     for ex in examples:
         by_class[ex.label].append(ex)
     chosen: list[Example] = []
-    for k, pool in enumerate(by_class):
-        quota = n // n_classes + (1 if k < n % n_classes else 0)
+    for k, (pool, quota) in enumerate(zip(by_class, class_quotas(n, n_classes), strict=True)):
         if len(pool) < quota:
             raise ValueError(f"class {k} has {len(pool)} examples, fewer than the {quota} requested.")
         chosen.extend(rng.sample(pool, quota))

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm import artifacts
 from gradmm.sweeps import MAX_TAG, SWEEP_GROUP_ENV, job_overrides
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ def resolve_mode(requested: str) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str | None = None):
+    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str | None = None, active: bool = True):
+        """active=False: logs nothing anywhere (the non-main processes of `accelerate launch`)."""
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.active = active
         self.run = None
         mode = resolve_mode(cfg.tracker.mode)
-        if mode == "disabled":
+        if mode == "disabled" or not active:
             return
         # The run id is kept beside the outputs, so a resumed job continues the same W&B run.
         id_file = out_dir / "wandb_run_id"
@@ -46,8 +49,9 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-            id_file.write_text(run_id)
+            if not id_file.is_file():
+                artifacts.write_atomic(id_file, secrets.token_hex(4))
+            run_id = id_file.read_text().strip()
             self.run = wandb.init(
                 id=run_id,
                 resume="allow",
@@ -67,6 +71,8 @@ class Tracker:
             self.run = None
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self._safely(lambda run: run.log(record))

@@ -1,0 +1,293 @@
+"""One self-contained HTML page comparing job directories (a sweep, or any runs side by side).
+
+    python -m gradmm.report outputs/runs/sst2            # every job below it
+    python -m gradmm.report RUN_DIR RUN_DIR ... -o cmp.html
+    make compare RUNS="outputs/runs/sst2"
+
+A job directory is one holding the config.yaml that run_job writes (Hydra's own copy under .hydra/ is
+not one). The page needs no network and no W&B account: plots are inline SVG drawn by matplotlib.
+It shows the config keys that differ between the runs, their final figures (summary.json), the
+gradient distance per outer step (metrics.jsonl), the final figures against each differing key, and
+a few synthetic texts per run. Unfinished and failed jobs (error.json, from gradmm.sweeps) are listed
+with what they have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from gradmm import artifacts
+from gradmm.sweeps import ERROR_FILE
+
+# Keys that say where or how a job ran, not what it computed.
+IGNORED_PREFIXES = ("paths.", "tracker.", "validate_only", "resume", "cache_targets", "objective.")
+# Final figures: (summary.json key, column title, better when lower).
+FIGURES = (
+    ("grad_distance_set", "grad distance (set)", True),
+    ("grad_distance_mean", "grad distance (mean)", True),
+    ("log_ppl_mean", "log-perplexity", True),
+    ("accuracy", "accuracy", False),
+)
+CURVES = (("grad_distance_z", "gradient distance of the projected tokens"), ("log_ppl_z", "log-perplexity"))
+
+
+@dataclass
+class Job:
+    path: Path
+    config: dict[str, Any]
+    summary: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    texts: list[dict] = field(default_factory=list)
+    error: dict | None = None
+    label: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "failed"
+        return "done" if "n_synthetic" in self.summary or "accuracy" in self.summary else "unfinished"
+
+
+def find_jobs(paths: list[Path]) -> list[Path]:
+    found = set()
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        candidates = [path / "config.yaml"] if (path / "config.yaml").is_file() else path.rglob("config.yaml")
+        found.update(c.parent for c in candidates if c.parent.name != ".hydra")
+    return sorted(found)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def load_job(path: Path, n_texts: int) -> Job:
+    job = Job(path, flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))))
+    if (path / "summary.json").is_file():
+        job.summary = json.loads((path / "summary.json").read_text())
+    if (path / "metrics.jsonl").is_file():
+        job.metrics = artifacts.read_jsonl(path / "metrics.jsonl")
+    if (path / ERROR_FILE).is_file():
+        job.error = json.loads((path / ERROR_FILE).read_text())
+    for name in ("synthetic_filtered.jsonl", "synthetic.jsonl"):
+        if (path / name).is_file():
+            job.texts = _best_texts(artifacts.read_jsonl(path / name), n_texts)
+            break
+    return job
+
+
+def _best_texts(rows: list[dict], n_per_class: int) -> list[dict]:
+    by_class = defaultdict(list)
+    for row in rows:
+        by_class[row["label"]].append(row)
+    best = []
+    for label in sorted(by_class):
+        best += sorted(by_class[label], key=lambda r: r.get("grad_distance", math.inf))[:n_per_class]
+    return best
+
+
+def differing_keys(jobs: list[Job]) -> list[str]:
+    keys = sorted({k for job in jobs for k in job.config if not k.startswith(IGNORED_PREFIXES)})
+    return [k for k in keys if len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) > 1]
+
+
+def _label(job: Job, keys: list[str]) -> str:
+    return ", ".join(f"{k}={_fmt(job.config.get(k))}" for k in keys) or job.path.name
+
+
+def curve(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The mean of `key` over classes and rounds at each outer step."""
+    per_step = defaultdict(list)
+    for record in metrics:
+        if record.get(key) is not None and "outer_step" in record:
+            per_step[record["outer_step"]].append(record[key])
+    steps = sorted(per_step)
+    return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
+
+
+def _svg(fig: Figure) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def curves_plot(jobs: list[Job]) -> str | None:
+    drawn = [job for job in jobs if job.metrics]
+    if not drawn:
+        return None
+    fig = Figure(figsize=(5.2 * len(CURVES), 3.6))
+    for ax, (key, title) in zip(fig.subplots(1, len(CURVES)), CURVES, strict=True):
+        for job in drawn:
+            steps, values = curve(job.metrics, key)
+            ax.plot(steps, values, marker="o", markersize=3, label=job.label)
+        ax.set(title=title, xlabel="outer step (0: initialisation)",
+               ylabel=f"{key}, mean over classes and rounds")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    return _svg(fig)
+
+
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
+    """Each final figure against `key`; points are joined only when `key` is the one key that differs."""
+    figures = [(k, t) for k, t, _ in FIGURES if any(isinstance(j.summary.get(k), (int, float)) for j in jobs)]
+    done = [job for job in jobs if job.status == "done"]
+    if not figures or not done:
+        return None
+    values = [job.config.get(key) for job in done]
+    numeric = _numeric(values)
+    categories = sorted({_fmt(v) for v in values})
+    fig = Figure(figsize=(3.6 * len(figures), 3.2))
+    for ax, (metric, title) in zip(fig.subplots(1, len(figures), squeeze=False)[0], figures, strict=True):
+        points = sorted(
+            (v if numeric else categories.index(_fmt(v)), job.summary[metric])
+            for v, job in zip(values, done, strict=True) if isinstance(job.summary.get(metric), (int, float))
+        )
+        if not points:
+            ax.set_visible(False)
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", linestyle="-" if alone else "none")
+        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=7)
+        ax.set(title=title, xlabel=key)
+        ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape("" if value is None else _fmt(value))
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; margin-bottom: 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f2f2f2; } td.l, th.l { text-align: left; }
+tr.failed td { background: #fde8e8; } tr.unfinished td { background: #fff7dd; }
+td.best { font-weight: bold; } svg { max-width: 100%; height: auto; }
+.text { font-family: ui-monospace, monospace; font-size: 12px; }
+"""
+
+
+def build_html(jobs: list[Job], title: str) -> str:
+    keys = differing_keys(jobs)
+    for job in jobs:
+        job.label = _label(job, keys)
+    labels = [job.label for job in jobs]
+    for job in jobs:
+        if labels.count(job.label) > 1:
+            job.label = f"{job.label} ({job.path.name})"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "unfinished", "failed")}
+    parts.append(f"<p>{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
+                 f"Keys that differ: {html.escape(', '.join(keys) or 'none')}.</p>")
+    parts.append(_table(jobs, keys))
+    plot = curves_plot(jobs)
+    if plot:
+        parts += ["<h2>Per outer step</h2>", plot]
+    key_plots = [(key, key_plot(jobs, key, alone=len(keys) == 1)) for key in keys]
+    if any(svg for _, svg in key_plots):
+        parts.append("<h2>Final figures against each differing key</h2>")
+        parts += [f"<h3>{html.escape(key)}</h3>{svg}" for key, svg in key_plots if svg]
+    parts.append("<h2>Synthetic texts (lowest gradient distance per class)</h2>")
+    for job in jobs:
+        parts.append(f"<h3>{html.escape(job.label)}</h3>")
+        if job.error is not None:
+            parts.append(f"<p>failed: {html.escape(str(job.error.get('error')))}</p>")
+        if not job.texts:
+            parts.append("<p>no synthetic texts</p>")
+            continue
+        rows = "".join(
+            f"<tr><td class='l'>{html.escape(str(r.get('label_name', r['label'])))}</td>"
+            f"<td>{_cell(r.get('grad_distance'))}</td><td>{_cell(r.get('log_ppl'), 2)}</td>"
+            f"<td class='l text'>{html.escape(r['text'])}</td></tr>"
+            for r in job.texts
+        )
+        parts.append("<table><tr><th class='l'>class</th><th>grad distance</th><th>log-ppl</th>"
+                     f"<th class='l'>text</th></tr>{rows}</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _table(jobs: list[Job], keys: list[str]) -> str:
+    figures = [(k, t, low) for k, t, low in FIGURES if any(k in j.summary for j in jobs)]
+    best = {}
+    for key, _, low in figures:
+        values = [j.summary[key] for j in jobs if isinstance(j.summary.get(key), (int, float))
+                  and not math.isnan(j.summary[key])]
+        if values:
+            best[key] = min(values) if low else max(values)
+    head = ("<tr><th class='l'>run</th><th class='l'>status</th>"
+            + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+            + "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in figures)
+            + "<th>random tokens: grad distance (set)</th><th>synthetic</th><th>seconds</th></tr>")
+    rows = []
+    for job in jobs:
+        s = job.summary
+        status = job.status if job.error is None else f"failed: {job.error.get('error')}"
+        cells = [f"<td class='l'>{html.escape(str(job.path))}</td><td class='l'>{html.escape(status)}</td>"]
+        cells += [f"<td>{_cell(job.config.get(k))}</td>" for k in keys]
+        cells += [f"<td class='{'best' if k in best and s.get(k) == best[k] else ''}'>{_cell(s.get(k))}</td>"
+                  for k, _, _ in figures]
+        cells.append(f"<td>{_cell((s.get('random_baseline') or {}).get('grad_distance_set'))}</td>")
+        cells.append(f"<td>{_cell(s.get('n_synthetic'))}</td><td>{_cell(s.get('seconds'), 0)}</td>")
+        rows.append(f"<tr class='{job.status}'>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def build_report(paths: list[Path], output: Path, n_texts: int = 3, title: str | None = None) -> Path:
+    dirs = find_jobs(paths)
+    if not dirs:
+        raise SystemExit(f"no job directories (holding config.yaml) under {', '.join(map(str, paths))}")
+    jobs = [load_job(d, n_texts) for d in dirs]
+    artifacts.write_atomic(output, build_html(jobs, title or f"GRADMM runs: {', '.join(map(str, paths))}"))
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gradmm.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="job directories, or folders to search for them")
+    parser.add_argument("-o", "--output", type=Path, help="the HTML file (default: DIRS[0]/report.html)")
+    parser.add_argument("--texts", type=int, default=3, help="synthetic texts shown per class and run")
+    args = parser.parse_args(argv)
+    output = args.output or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent) / "report.html"
+    print(f"report: {build_report(args.dirs, output, args.texts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The benchmark's smoke mode (tiny model): it runs, writes its records, and its fast paths agree with
+the plain ones. No timing is asserted: the figures depend on the machine and its load."""
+
+import importlib.util
+import json
+
+from conftest import DATA_DIR, REPO
+
+REQUIRED = {
+    "model", "device", "batch_size", "seq_len", "inner_step_s", "fwd_bwd_s", "inner_step_over_fwd_bwd",
+    "projection_s", "forward_s", "projection_over_forward", "naive_projection_s", "peak_mem_mb", "machine",
+}
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
+    bench = _bench_module()
+    out = tmp_path / "bench.json"
+    bench.main([f"paths.data_dir={DATA_DIR}", "--smoke", "--out", str(out), "--batch-sizes", "2", "3",
+                "--seq-lens", "4"])
+    records = json.loads(out.read_text())
+    shapes = [r for r in records if r["kind"] == "shape"]
+    assert {(r["batch_size"], r["seq_len"]) for r in shapes} == {(2, 4), (3, 4)}
+    for r in shapes:
+        assert REQUIRED <= r.keys()
+        assert r["inner_step_over_fwd_bwd"] == r["inner_step_s"] / r["fwd_bwd_s"]
+        assert r["projection_over_forward"] == r["projection_s"] / r["forward_s"]
+        assert r["naive_same_tokens"] and r["matching_plain_same_tokens"]
+        assert r["machine"]["torch"] and r["machine"]["transformers"]
+    (e2e,) = [r for r in records if r["kind"] == "end_to_end"]
+    assert e2e["s_per_synthetic_example"] > 0 and e2e["n_synthetic"] == 2 * e2e["batch_size"]
+    table = capsys.readouterr().out
+    assert "s per synthetic example" in table and str(out) in table

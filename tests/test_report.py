@@ -1,0 +1,115 @@
+"""The comparison report, built from job directories written by hand in the layout run_job uses."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_config
+from omegaconf import OmegaConf
+
+from gradmm import report
+from gradmm.artifacts import write_json, write_jsonl
+
+RHOS = (0.1, 0.5, 1.0)
+
+
+def _job(root: Path, rho: float, *, finished: bool = True, failed: bool = False, seed: int = 0) -> Path:
+    """A job directory with rounds' metrics for 2 classes x 2 rounds, texts and a summary."""
+    cfg = compose_config([*TINY, f"admm.rho={rho}", f"paths.output_root={root}"])
+    path = root / "runs" / "sst2" / f"job-rho{rho}"
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (path / ".hydra").mkdir()
+    (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    rng = random.Random(seed + int(rho * 10))
+    write_jsonl(path / "metrics.jsonl", [
+        {"class": k, "round": r, "outer_step": s, "grad_distance_z": rng.random(),
+         "log_ppl_z": 5 + rng.random()}
+        for k in range(2) for r in range(2) for s in range(4)
+    ])
+    texts = [{"text": f"<b>rho {rho}</b> class {k} text {i}", "label": k, "label_name": f"class{k}",
+              "round": 0, "grad_distance": rng.random(), "log_ppl": 6.0} for k in range(2) for i in range(5)]
+    write_jsonl(path / "synthetic.jsonl", texts)
+    if finished:
+        write_json(path / "summary.json", {
+            "n_synthetic": 10, "grad_distance_set": 0.1 / rho, "grad_distance_mean": 0.2 / rho,
+            "log_ppl_mean": 6 + rho, "accuracy": 0.5 + rho / 4, "seconds": 12.0,
+            "random_baseline": {"grad_distance_set": 0.15},
+        })
+    if failed:
+        write_json(path / "error.json", {"error": "RuntimeError('CUDA out of memory')", "traceback": None,
+                                         "overrides": [f"admm.rho={rho}"]})
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path) -> list[Path]:
+    return [_job(tmp_path, rho) for rho in RHOS]
+
+
+def test_report_lists_every_run_with_what_differs_and_the_plots(sweep, tmp_path):
+    output = report.build_report([tmp_path / "runs"], tmp_path / "report.html")
+    page = output.read_text()
+    assert all(str(job) in page for job in sweep)
+    # Hydra's own copy of the config under .hydra/ is not a run.
+    assert ".hydra" not in page
+    jobs = [report.load_job(job, 3) for job in sweep]
+    assert report.differing_keys(jobs) == ["admm.rho"]
+    # Two per-step panels in one figure, one figure of final figures against admm.rho.
+    assert page.count("<svg") == 2
+    assert "<h3>admm.rho</h3>" in page
+    # Each run's final figures are in the table.
+    for rho in RHOS:
+        assert f"{0.1 / rho:.4f}" in page and f"{0.5 + rho / 4:.4f}" in page
+
+
+def test_report_is_self_contained(sweep, tmp_path):
+    page = report.build_report([tmp_path], tmp_path / "report.html").read_text()
+    assert "<script" not in page and "<link" not in page and " src=" not in page
+    assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', page))
+
+
+def test_report_shows_the_best_texts_of_each_class_escaped(sweep, tmp_path):
+    page = report.build_report([tmp_path], tmp_path / "report.html", n_texts=2).read_text()
+    assert "<b>rho" not in page
+    for job in sweep:
+        rows = [json.loads(line) for line in (job / "synthetic.jsonl").read_text().splitlines()]
+        for k in range(2):
+            ranked = sorted((r for r in rows if r["label"] == k), key=lambda r: r["grad_distance"])
+            assert all(report.html.escape(r["text"]) in page for r in ranked[:2])
+            assert all(report.html.escape(r["text"]) not in page for r in ranked[2:])
+
+
+def test_curve_is_the_mean_over_classes_and_rounds_per_outer_step(sweep):
+    metrics = [json.loads(line) for line in (sweep[0] / "metrics.jsonl").read_text().splitlines()]
+    steps, values = report.curve(metrics, "grad_distance_z")
+    assert steps == [0, 1, 2, 3]
+    for step, value in zip(steps, values, strict=True):
+        at_step = [m["grad_distance_z"] for m in metrics if m["outer_step"] == step]
+        assert value == pytest.approx(sum(at_step) / len(at_step))
+
+
+def test_failed_and_unfinished_runs_are_listed_with_what_they_have(tmp_path):
+    _job(tmp_path, 0.1)
+    failed = _job(tmp_path, 0.5, finished=False, failed=True)
+    unfinished = _job(tmp_path, 1.0, finished=False)
+    page = report.build_report([tmp_path], tmp_path / "report.html").read_text()
+    assert "failed: RuntimeError(&#x27;CUDA out of memory&#x27;)" in page
+    assert "<tr class='unfinished'>" in page and str(unfinished) in page and str(failed) in page
+    assert "1 done, 1 unfinished, 1 failed" in page
+
+
+def test_command_line_takes_run_directories_and_writes_beside_the_first(sweep, tmp_path, capsys):
+    report.main([str(sweep[0]), str(sweep[2])])
+    page = (sweep[0] / "report.html").read_text()
+    assert str(sweep[0]) in page and str(sweep[2]) in page and str(sweep[1]) not in page
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no job directories"):
+        report.build_report([tmp_path], tmp_path / "report.html")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        report.build_report([tmp_path / "missing"], tmp_path / "report.html")
