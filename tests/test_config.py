@@ -90,12 +90,12 @@ BAD = [
     ("task.max_text_tokens=0", "task.max_text_tokens"),
     ("paths.data_dir=/nonexistent", "/nonexistent"),
     ("privacy.name=secret", "privacy.name"),
-    ("privacy=dp privacy.epsilon=0", "privacy.epsilon"),
-    ("privacy=dp privacy.epsilon=-1", "privacy.epsilon"),
-    ("privacy=dp privacy.delta=1.5", "privacy.delta"),
-    ("privacy=dp privacy.delta=0.2", "1/generation.n_real"),
-    ("privacy=dp privacy.clip=0", "privacy.clip"),
-    ("privacy=dp privacy.relation=swap", "privacy.relation"),
+    ("privacy=dp | privacy.epsilon=0", "privacy.epsilon"),
+    ("privacy=dp | privacy.epsilon=-1", "privacy.epsilon"),
+    ("privacy=dp | privacy.delta=1.5", "privacy.delta"),
+    ("privacy=dp | privacy.delta=0.2", "1/generation.n_real"),
+    ("privacy=dp | privacy.clip=0", "privacy.clip"),
+    ("privacy=dp | privacy.relation=swap", "privacy.relation"),
     ("stages=[evaluate]", "data.synthetic_from"),
     ("stages=[evaluate,generate]", "stages"),
     ("stages=[train]", "stages"),
@@ -117,7 +117,8 @@ BAD = [
 
 @pytest.mark.parametrize("override,named", BAD)
 def test_bad_value_is_named(override, named):
-    cfg = compose_config([*TINY, *override.split(" ")])
+    # Several overrides are separated by " | " (values such as ' bad' contain spaces).
+    cfg = compose_config([*TINY, *override.split(" | ")])
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert named in str(error.value)
