@@ -5,11 +5,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CONF_DIR, DATA_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF_DIR, DATA_DIR, TINY, compose_config
 from gradmm.config import ConfigError, validate
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import compose_config
+
 from gradmm.models import load_lm
 
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY
+
 from gradmm.artifacts import read_jsonl
 from gradmm.pipeline import run_job
 

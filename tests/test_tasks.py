@@ -1,8 +1,8 @@
 from collections import Counter
 
 import pytest
-
 from conftest import TINY, compose_config
+
 from gradmm.models import load_tokenizer
 from gradmm.tasks import Verbalizer, load_split, stratified_sample
 

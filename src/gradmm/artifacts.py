@@ -12,6 +12,12 @@ from typing import IO, Any
 
 import torch
 
+# mkstemp creates files readable by their owner only; artifacts get the mode any other file would
+# (0666 less the umask), so collaborators on a shared cluster filesystem can read a run's results.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 def write_atomic(path: str | Path, text: str) -> None:
     _atomically(path, "w", lambda f: f.write(text))
@@ -27,6 +33,7 @@ def _atomically(path: str | Path, mode: str, write: Callable[[IO], object]) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -333,7 +333,7 @@ def _check_data_file(problems: list[str], path: Path, n_labels: int) -> dict[int
 def validate(cfg: DictConfig) -> None:
     """Raises ConfigError listing every problem; cheap (reads data files, loads no model)."""
     problems: list[str] = []
-    task, gen, admm, proj = cfg.task, cfg.generation, cfg.admm, cfg.projector
+    task, gen, proj = cfg.task, cfg.generation, cfg.projector
 
     _choice(problems, "model.source", cfg.model.source, MODEL_SOURCES)
     _choice(problems, "model.device", cfg.model.device, DEVICES)
@@ -439,7 +439,8 @@ def validate(cfg: DictConfig) -> None:
         if counts and isinstance(gen.n_real, int) and gen.n_real > 0:
             kept = task.source_labels if task.source_labels is not None else range(n_labels)
             per_class = -(-gen.n_real // n_labels)
-            for name, source_label in zip(task.label_names, kept):
+            # strict=False: a length mismatch is already reported above; keep collecting problems.
+            for name, source_label in zip(task.label_names, kept, strict=False):
                 if counts.get(source_label, 0) < per_class:
                     problems.append(
                         f"generation.n_real={gen.n_real} needs {per_class} examples of class {name!r} "
@@ -534,7 +535,7 @@ def _check_filter_and_evaluate(problems: list[str], cfg: DictConfig, train_count
     if not all(isinstance(n, int) and n > 0 for n in wanted.values()):
         return
     need = sum(-(-n // n_classes) for n in wanted.values())
-    for name, source_label in zip(cfg.task.label_names, kept):
+    for name, source_label in zip(cfg.task.label_names, kept, strict=False):  # mismatch reported in validate
         if train_counts.get(source_label, 0) < need:
             problems.append(
                 f"{' + '.join(f'{k}={v}' for k, v in wanted.items())} need {need} training examples of class "

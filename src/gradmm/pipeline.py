@@ -328,7 +328,7 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
     synthetic = score_texts(lm, setup, head, targets, texts, labels, cfg.matching.distance)
     rows = [
         {**{key: row[key] for key in ("text", "label", "label_name", "round")}, "grad_distance": d, "log_ppl": p}
-        for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"])
+        for row, d, p in zip(rows, synthetic["per_example"], synthetic["log_ppl"], strict=True)
     ]
     artifacts.write_jsonl(out_dir / "synthetic.jsonl", rows)
 

@@ -6,8 +6,8 @@ cost a forward pass over the real examples per class (seconds on CPU, more for l
 under privacy=dp, a fresh draw of noise that should be released once, not once per job.
 
 The key is everything the targets depend on: the model and task configs, the real examples
-themselves (row ids, labels and a hash of their texts, so an edited data file misses), the seed
-(it draws the DP noise), the matching loss, the privacy settings, and the code and library versions
+themselves (row ids, labels and a hash of their texts, so an edited data file misses), the seed,
+the matching loss, the privacy settings, and the code and library versions
 that compute them (so a changed formula never reads a stale entry). Generation settings are not in
 it: that is what lets a sweep share one entry.
 
