@@ -73,6 +73,7 @@ BAD = [
     ("generation.seq_len=0", "generation.seq_len"),
     ("generation.init=real", "generation.init"),
     ("generation.init_temperature=0", "generation.init_temperature"),
+    ("generation.init_candidates=3", "generation.init_candidates"),
     ("generation.n_real=100000", "generation.n_real"),
     ("projector.name=magic", "projector.name"),
     ("projector.topk=0", "projector.topk"),

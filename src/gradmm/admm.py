@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from gradmm.gradients import set_distance
+from gradmm.gradients import GradFeatures, set_distance
 from gradmm.models import LM, mean_nll
 from gradmm.projection import (
     MatchingContext,
@@ -91,16 +91,38 @@ def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictC
     return loss.detach()
 
 
-def initial_tokens(lm: LM, cfg: DictConfig, allowed: torch.Tensor, prefix_ids, generator) -> torch.Tensor:
+def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch.Tensor, prefix_ids,
+                   generator) -> torch.Tensor:
     gen = cfg.generation
+    n_candidates = gen.init_candidates or gen.batch_size
     if gen.init == "lm_sample":
-        return sample_sequences(
-            lm, gen.batch_size, gen.seq_len, allowed, prefix_ids,
+        candidates = sample_sequences(
+            lm, n_candidates, gen.seq_len, allowed, prefix_ids,
             temperature=gen.init_temperature, lm_topk=cfg.projector.lm_topk, generator=generator,
         )
-    allowed_ids = allowed.nonzero().squeeze(-1)
-    picks = torch.randint(len(allowed_ids), (gen.batch_size, gen.seq_len), generator=generator)
-    return allowed_ids[picks].to(lm.device)
+    else:
+        allowed_ids = allowed.nonzero().squeeze(-1)
+        picks = torch.randint(len(allowed_ids), (n_candidates, gen.seq_len), generator=generator)
+        candidates = allowed_ids[picks].to(lm.device)
+    if n_candidates == gen.batch_size:
+        return candidates
+    with torch.no_grad():
+        feats = ctx.features(lm, candidates)
+    return candidates[select_matching_subset(feats, ctx.target, gen.batch_size, ctx.distance)]
+
+
+def select_matching_subset(feats: GradFeatures, target: torch.Tensor, size: int, distance: str) -> torch.Tensor:
+    """Indices of `size` rows chosen greedily, each the one that most lowers the set distance of
+    those chosen so far: the best subset is a combinatorial search, greedy is one batched pass per pick."""
+    chosen: list[int] = []
+    remaining = torch.ones(len(feats), dtype=torch.bool)
+    for _ in range(size):
+        options = remaining.nonzero().squeeze(-1)
+        trials = [set_distance(feats.select(torch.tensor([*chosen, i])), target, distance) for i in options.tolist()]
+        best = options[int(torch.stack(trials).argmin())]
+        chosen.append(int(best))
+        remaining[best] = False
+    return torch.tensor(chosen)
 
 
 def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) -> torch.Tensor:
@@ -119,7 +141,7 @@ def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) 
 def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, generator) -> RoundState:
     """Initial tokens, x = their embeddings, u = 0; recorded as outer step 0."""
     started = time.perf_counter()
-    z = initial_tokens(lm, cfg, allowed, prefix_ids, generator)
+    z = initial_tokens(lm, cfg, ctx, allowed, prefix_ids, generator)
     x = lm.input_embeddings[z].detach().float().clone()
     optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=cfg.admm.lr)
     with torch.no_grad():

@@ -97,6 +97,9 @@ class GenerationConfig:
     # lm_sample: sequences sampled from the LM (readable start); random: random allowed tokens.
     init: str = "lm_sample"
     init_temperature: float = 1.0
+    # Draw this many initial sequences (null: batch_size) in one batched decode and start from the
+    # batch_size whose mean gradient best matches the target: a better start for the same ADMM budget.
+    init_candidates: Optional[int] = None
     # Save the round in progress every N outer steps (finished rounds are always saved).
     checkpoint_every: int = 1
     # A round whose loss or embeddings turn NaN/inf restarts from a fresh initialisation this often,
@@ -349,6 +352,11 @@ def validate(cfg: DictConfig) -> None:
     _choice(problems, "matching.distance", cfg.matching.distance, DISTANCES)
     _choice(problems, "tracker.mode", cfg.tracker.mode, TRACKER_MODES)
     _choice(problems, "generation.init", gen.init, INITS)
+    if gen.init_candidates is not None and isinstance(gen.batch_size, int) and gen.init_candidates < gen.batch_size:
+        problems.append(
+            f"generation.init_candidates={gen.init_candidates} must be at least generation.batch_size="
+            f"{gen.batch_size} (or null: no selection)."
+        )
 
     for key in ("admm.rho", "admm.outer_steps", "admm.inner_steps", "admm.lr", "admm.grad_clip"):
         _positive(problems, key, OmegaConf.select(cfg, key))
