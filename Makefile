@@ -29,7 +29,7 @@ setup: $(BIN)/.installed  ## create .venv/ and install the package, torch and th
 run: setup  ## run the default job (SST-2, embedded SmolLM2, CPU); extra overrides via ARGS="..."
 	$(BIN)/python run.py $(ARGS)
 
-reproduce-cpu: setup  ## the SST-2 comparison of synthetic and real data (hours; resumable) -> experiments/results/
+reproduce-cpu: setup  ## the SST-2 comparison of synthetic and real data (1.5 h on 2 cores; resumable) -> experiments/results/
 	$(BIN)/python experiments/reproduce_cpu.py $(ARGS)
 
 validate: setup  ## check a config (ARGS="...") without loading a model

@@ -1,9 +1,9 @@
 """The CPU comparison of issue 3 on SST-2 with the embedded model: synthetic data against real data.
 
-    make reproduce-cpu                   # the full protocol of conf/experiment/cpu_sst2.yaml (hours)
+    make reproduce-cpu                   # the protocol of conf/experiment/cpu_sst2.yaml (1.5 h on 2 cores)
     python experiments/reproduce_cpu.py --name cpu_sst2_reduced evaluate.steps=50 evaluate.seeds=[0]
 
-One generation job (generate 64 texts per class from 50 real examples, filter to 100), then one
+One generation job (192 texts from 50 real examples, filtered to at most 100), then one
 evaluation job per training set on that job's output, each with `evaluate.seeds`:
 
     synthetic_filtered (+ the zero_shot and few_shot references), synthetic, real_seen (the 50 real
