@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from gradmm.gradients import GradFeatures, set_distance
+from gradmm.gradients import GradFeatures, distance_from_sums, set_distance
 from gradmm.models import LM, mean_nll
 from gradmm.projection import (
     MatchingContext,
@@ -113,16 +113,21 @@ def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch
 
 def select_matching_subset(feats: GradFeatures, target: torch.Tensor, size: int, distance: str) -> torch.Tensor:
     """Indices of `size` rows chosen greedily, each the one that most lowers the set distance of
-    those chosen so far: the best subset is a combinatorial search, greedy is one batched pass per pick."""
-    chosen: list[int] = []
-    remaining = torch.ones(len(feats), dtype=torch.bool)
-    for _ in range(size):
-        options = remaining.nonzero().squeeze(-1)
-        trials = [set_distance(feats.select(torch.tensor([*chosen, i])), target, distance) for i in options.tolist()]
-        best = options[int(torch.stack(trials).argmin())]
-        chosen.append(int(best))
-        remaining[best] = False
-    return torch.tensor(chosen)
+    those chosen so far (the best subset is a combinatorial search). Every pick scores all remaining
+    rows at once from the pairwise Gram sums, as `replacement_distances` does for swaps."""
+    kernel = (feats.a @ feats.a.T) * (feats.h @ feats.h.T)
+    row_inner = (feats.a * (feats.h @ target.T)).sum(1)
+    in_set = torch.zeros(len(feats), dtype=torch.bool, device=kernel.device)
+    order: list[int] = []
+    pair_sum, inner_sum = kernel.new_zeros(()), row_inner.new_zeros(())
+    for m in range(1, size + 1):
+        pairs = pair_sum + 2 * kernel[:, in_set].sum(1) + kernel.diagonal()
+        scores = distance_from_sums((inner_sum + row_inner) / m, pairs / m**2, target, distance)
+        best = int(scores.masked_fill(in_set, float("inf")).argmin())
+        pair_sum, inner_sum = pairs[best], inner_sum + row_inner[best]
+        in_set[best] = True
+        order.append(best)
+    return torch.tensor(order)
 
 
 def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) -> torch.Tensor:

@@ -91,10 +91,11 @@ def set_distance(feats: GradFeatures, target: torch.Tensor, kind: str = "cosine"
 
     cosine: 1 - cos(G, T). l2: ||G - T|| / ||T||, relative so that tasks and models compare.
     """
-    return _distance(inner_with(feats, target), sq_norm(feats), target, kind)
+    return distance_from_sums(inner_with(feats, target), sq_norm(feats), target, kind)
 
 
-def _distance(inner: torch.Tensor, g2: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def distance_from_sums(inner: torch.Tensor, g2: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The set distance from <G, T> and ||G||^2, so batched variants can update those sums instead."""
     t2 = (target * target).sum()
     if kind == "cosine":
         return 1 - inner / (g2.clamp_min(1e-30).sqrt() * t2.sqrt())
@@ -107,7 +108,7 @@ def example_distances(feats: GradFeatures, target: torch.Tensor, kind: str = "co
     """Each example's own gradient against the target (N values), batched."""
     inner = (feats.a * (feats.h @ target.T)).sum(dim=1)
     g2 = (feats.a * feats.a).sum(dim=1) * (feats.h * feats.h).sum(dim=1)
-    return _distance(inner, g2, target, kind)
+    return distance_from_sums(inner, g2, target, kind)
 
 
 def replacement_distances(
@@ -131,7 +132,7 @@ def replacement_distances(
     per_row_inner = (current.a * (current.h @ target.T)).sum(1)
     cand_inner = (candidates.a * (candidates.h @ target.T)).sum(1)
     inner = (per_row_inner.sum() - per_row_inner[rows] + cand_inner) / n
-    return _distance(inner, new_total / n**2, target, kind)
+    return distance_from_sums(inner, new_total / n**2, target, kind)
 
 
 @torch.no_grad()
