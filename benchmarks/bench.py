@@ -32,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
 from gradmm.config import register_configs, validate
-from gradmm.gradients import OutputLayer, set_distance
+from gradmm.gradients import OutputLayer
 from gradmm.models import LM, load_lm
-from gradmm.pipeline import compute_targets, prepare
+from gradmm.pipeline import class_objective, compute_targets, prepare
 from gradmm.projection import MatchingContext, allowed_vocabulary, project_matching_lm, project_topk_lm
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -159,7 +159,7 @@ def bench_shape(
         )
         same_tokens = bool(torch.equal(results["plain"], results["matching_lm"]))
     with torch.no_grad():
-        distance = set_distance(ctx.features(lm, results["matching_lm"]), ctx.target, ctx.distance).item()
+        distance = ctx.objective(ctx.features(lm, results["matching_lm"])).item()
     return {
         "kind": "shape",
         "model": cfg.model.name,
@@ -206,7 +206,7 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
         short.generation.checkpoint_every = outer_steps + 1
     round_s = []
     for k in range(n_classes):
-        ctx = MatchingContext(head, targets[k], k, setup.verbalizer.prompt_ids, cfg.matching.distance)
+        ctx = MatchingContext(head, class_objective(cfg, targets, k), k, setup.verbalizer.prompt_ids)
         state = start_round(lm, short, ctx, allowed, setup.prefix_ids, torch.Generator().manual_seed(k))
         run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
         start_s, outer = state.records[0]["seconds"], [r["seconds"] for r in state.records[1:]]
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = [bench_end_to_end(lm, cfg, setup, head, allowed, mode["e2e_outer_steps"])]
     targets, _ = compute_targets(cfg, setup, lm, head)
     label = len(targets) - 1
-    ctx = MatchingContext(head, targets[label], label, setup.verbalizer.prompt_ids, cfg.matching.distance)
+    ctx = MatchingContext(head, class_objective(cfg, targets, label), label, setup.verbalizer.prompt_ids)
     for batch_size in args.batch_sizes or mode["batch_sizes"]:
         for seq_len in args.seq_lens or mode["seq_lens"]:
             records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))

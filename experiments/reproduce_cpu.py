@@ -11,14 +11,22 @@ evaluation job per training set on that job's output, each with `evaluate.seeds`
 
 Every job is an ordinary `run.py` job (the same hash-named directory `python run.py experiment=cpu_sst2
 ...` would use), so a re-run resumes where it stopped, at the granularity of one trained model. Writes
-experiments/results/<name>.json ({method: {mean, std, n_train}}, accuracies in [0, 1]) and <name>.md.
-Extra arguments are Hydra overrides applied to every job; results made with any are a reduced or
-modified protocol and must be written under another --name.
+experiments/results/<name>.json ({method: {mean, std, n_train, measured}}, accuracies in [0, 1]) and
+<name>.md. Extra arguments are Hydra overrides applied to every job; results made with any are a
+reduced or modified protocol and must be written under another --name.
+
+    python experiments/reproduce_cpu.py --only synthetic_filtered,synthetic
+
+re-measures only those training sets (after a change to the generator, say) and keeps the other rows
+of the existing results file: the real-data rows do not depend on the generator. Each row records the
+date it was measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import shlex
 import sys
 import time
@@ -64,14 +72,15 @@ def run(overrides: list[str], label: str) -> tuple[dict, Path]:
 
 def table(results: dict, command: str, overrides: list[str]) -> str:
     lines = [
-        f"Made by `{command}`"
+        f"Last run: `{command}`"
         + (f" (overrides, NOT the full protocol: `{' '.join(overrides)}`)." if overrides else "."),
         "",
-        "| training set | n_train | accuracy (mean +- std over seeds) |",
-        "|---|---:|---:|",
+        "| training set | n_train | accuracy (mean +- std over seeds) | measured |",
+        "|---|---:|---:|---|",
     ]
     for method, r in results.items():
-        lines.append(f"| {method} | {r['n_train']} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} |")
+        lines.append(f"| {method} | {r['n_train']} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} "
+                     f"| {r['measured']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,30 +90,42 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=FULL_NAME, help="results file stem (default: %(default)s)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "experiments" / "results")
     parser.add_argument("--experiment", default="cpu_sst2", help="preset (default: %(default)s)")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=list(TRAINED),
+                        help=f"comma-separated training sets to (re-)measure, of {','.join(TRAINED)}; "
+                             "the other rows are kept from the existing results file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job")
     args = parser.parse_args(argv)
     if args.overrides and args.name == FULL_NAME:
         parser.error(f"overrides change the protocol: pass another --name than {FULL_NAME!r}.")
+    unknown = sorted(set(args.only) - set(TRAINED))
+    if unknown:
+        parser.error(f"--only {','.join(unknown)}: not a training set; choose from {','.join(TRAINED)}.")
+    results_path = args.results_dir / f"{args.name}.json"
+    partial = set(args.only) != set(TRAINED)
+    if partial and not results_path.is_file():
+        parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
+    results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
+    today = datetime.date.today().isoformat()
+    todo = {method: extra for method, extra in TRAINED.items() if method in args.only}
 
     register_configs()
     base = [f"experiment={args.experiment}", *args.overrides]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        _, generated = run([*base, "stages=[generate,filter]"], f"[1/{len(TRAINED) + 1}] generate and filter")
-        results: dict[str, dict] = {}
-        for i, (method, extra) in enumerate(TRAINED.items(), 2):
+        _, generated = run([*base, "stages=[generate,filter]"], f"[1/{len(todo) + 1}] generate and filter")
+        for i, (method, extra) in enumerate(todo.items(), 2):
             overrides = [*base, "stages=[evaluate]", f"data.synthetic_from={generated}", *extra]
-            summary, _ = run(overrides, f"[{i}/{len(TRAINED) + 1}] evaluate {method}")
+            summary, _ = run(overrides, f"[{i}/{len(todo) + 1}] evaluate {method}")
             results[method] = {"mean": summary["accuracy"], "std": summary["accuracy_std"],
-                               "n_train": summary["evaluation"]["n_train"]}
+                               "n_train": summary["evaluation"]["n_train"], "measured": today}
             print(f"  {method}: {summary['accuracy']:.3f} +- {summary['accuracy_std']:.3f}", flush=True)
             for name in REFERENCES:
                 if name in summary["baselines"]:
                     b = summary["baselines"][name]
-                    results[name] = {"mean": b["mean"], "std": b["std"], "n_train": b["n_train"]}
+                    results[name] = {"mean": b["mean"], "std": b["std"], "n_train": b["n_train"], "measured": today}
 
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(shlex.quote(a) for a in ["python", "experiments/reproduce_cpu.py", *given])
-    artifacts.write_json(args.results_dir / f"{args.name}.json", results)
+    artifacts.write_json(results_path, results)
     markdown = table(results, command, args.overrides)
     artifacts.write_atomic(args.results_dir / f"{args.name}.md", markdown)
     print("\n" + markdown)

@@ -82,6 +82,7 @@ BAD = [
     ("projector.match_weight=-1", "projector.match_weight"),
     ("matching.loss=mse", "matching.loss"),
     ("matching.distance=kl", "matching.distance"),
+    ("matching.union_weight=-0.5", "matching.union_weight"),
     ("tracker.mode=cloud", "tracker.mode"),
     ("model.device=tpu", "model.device"),
     ("model.dtype=int8", "model.dtype"),

@@ -238,3 +238,16 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
     again = reproduce.main(args)
     assert trained == [8]
     assert again["synthetic"] == results["synthetic"]
+
+    # --only re-measures the named sets and keeps every other row of the results file.
+    with pytest.raises(SystemExit):
+        reproduce.main(["--only", "synthetic,real_everything", *args])
+    results_file = tmp_path / "results" / "tiny.json"
+    edited = {**again, "real_seen": {**again["real_seen"], "mean": 0.123},
+              "synthetic": {**again["synthetic"], "mean": 2}}
+    results_file.write_text(json.dumps(edited))
+    only = reproduce.main(["--only", "synthetic", *args])
+    assert only["real_seen"]["mean"] == 0.123, "a row not named is kept from the file"
+    assert only["synthetic"] == again["synthetic"], "a named row is measured again (here: resumed)"
+    assert json.loads(results_file.read_text()) == only
+

@@ -5,7 +5,9 @@ import torch
 
 from gradmm.gradients import (
     GradFeatures,
+    Objective,
     OutputLayer,
+    balanced_union_distance,
     example_distances,
     mean_gradient,
     replacement_distances,
@@ -67,6 +69,15 @@ def test_closed_form_matches_autograd(tiny_lm_factory, tied, loss, with_bias):
         (g_closed,) = torch.autograd.grad(closed, x, retain_graph=True)
         (g_reference,) = torch.autograd.grad(expected, x, retain_graph=True)
         assert _close(g_closed, g_reference), kind
+    # The union term's gradient to the embeddings, against autograd through the materialised gradient.
+    others = torch.randn_like(target)
+    union = target + others
+    expected = 1 - ((reference + others) * union).sum() / ((reference + others).norm() * union.norm())
+    closed = Objective(target, "cosine", others, union_weight=1.0)(feats) - set_distance(feats, target)
+    assert torch.allclose(closed, expected, rtol=1e-9, atol=1e-12)
+    (g_closed,) = torch.autograd.grad(closed, x, retain_graph=True)
+    (g_reference,) = torch.autograd.grad(expected, x, retain_graph=True)
+    assert _close(g_closed, g_reference)
 
 
 def test_task_loss_gradient_is_the_feature_outer_product(tiny_lm_factory):
@@ -88,14 +99,53 @@ def test_example_distances_equal_singleton_sets():
         assert torch.allclose(batched, single)
 
 
+def _objectives(target, others):
+    for kind in ("cosine", "l2"):
+        yield Objective(target, kind)
+        yield Objective(target, kind, others, union_weight=0.7)
+
+
+def test_objective_equals_its_definition_on_materialised_gradients():
+    feats = GradFeatures(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    target, others = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    g = mean_gradient(feats)
+    for kind in ("cosine", "l2"):
+        def distance(x, t, kind=kind):
+            if kind == "cosine":
+                return 1 - (x * t).sum() / (x.norm() * t.norm())
+            return (x - t).norm() / t.norm()
+
+        assert torch.allclose(Objective(target, kind)(feats), distance(g, target))
+        union = Objective(target, kind, others, union_weight=0.7)(feats)
+        assert torch.allclose(union, distance(g, target) + 0.7 * distance(g + others, target + others))
+
+
+def test_objective_union_term_sees_the_scale_that_the_class_term_ignores():
+    feats = GradFeatures(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    target = mean_gradient(feats)
+    others = -0.9 * target + 0.1 * torch.randn(2, 4, dtype=torch.float64)
+    doubled = GradFeatures(2 * feats.a, feats.h)
+    assert Objective(target)(doubled) < 1e-12
+    assert Objective(target, others=others, union_weight=1.0)(doubled) > 0.1
+
+
 def test_replacement_distances_equal_recomputed_sets():
     current = GradFeatures(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
     candidates = GradFeatures(torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
     rows = torch.tensor([0, 0, 2, 4, 4, 1, 3])
-    target = torch.randn(3, 4, dtype=torch.float64)
-    for kind in ("cosine", "l2"):
-        fast = replacement_distances(current, candidates, rows, target, kind)
+    target, others = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for objective in _objectives(target, others):
+        fast = replacement_distances(current, candidates, rows, objective)
         for j, r in enumerate(rows.tolist()):
             a, h = current.a.clone(), current.h.clone()
             a[r], h[r] = candidates.a[j], candidates.h[j]
-            assert torch.allclose(fast[j], set_distance(GradFeatures(a, h), target, kind))
+            assert torch.allclose(fast[j], objective(GradFeatures(a, h)))
+
+
+def test_balanced_union_distance_weighs_each_class_mean_equally():
+    feats = GradFeatures(torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    targets = [torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)]
+    union = (mean_gradient(feats.select(labels == 0)) + mean_gradient(feats.select(labels == 1))) / 2
+    expected = 1 - (union * (targets[0] + targets[1])).sum() / (union.norm() * (targets[0] + targets[1]).norm())
+    assert torch.allclose(balanced_union_distance(feats, labels, targets), expected)

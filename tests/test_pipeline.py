@@ -23,7 +23,8 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("n_synthetic", "grad_distance_mean", "grad_distance_set", "log_ppl_mean", "seconds"):
         assert key in summary
-    assert set(summary["random_baseline"]) == {"grad_distance_mean", "grad_distance_set", "log_ppl_mean"}
+    assert set(summary["random_baseline"]) == {"grad_distance_mean", "grad_distance_set", "grad_distance_union",
+                                               "log_ppl_mean"}
     assert summary["n_synthetic"] == n_expected
     assert (out / "config.yaml").is_file()
     return rows, summary
@@ -60,6 +61,22 @@ def test_short_run_on_embedded_model(tmp_path):
     (summary_path,) = tmp_path.rglob("summary.json")
     rows, summary = _check_outputs(summary_path.parent, 8, 2)
     assert summary["log_ppl_mean"] < summary["random_baseline"]["log_ppl_mean"]
+
+
+def test_union_term_changes_what_generation_optimises(tiny_cfg, tmp_path):
+    """With union_weight the rounds optimise another loss from the same start: other tokens, and the
+    recorded step-0 loss is the class distance plus the union term, so it can only grow."""
+    tiny_cfg.matching.union_weight = 0.0
+    plain = run_job(tiny_cfg, tmp_path / "plain")
+    tiny_cfg.matching.union_weight = 2.0
+    union = run_job(tiny_cfg, tmp_path / "union")
+    assert union["n_synthetic"] == plain["n_synthetic"]
+    metrics = {name: [m for m in read_jsonl(tmp_path / name / "metrics.jsonl") if m["outer_step"] == 0]
+               for name in ("plain", "union")}
+    for before, after in zip(metrics["plain"], metrics["union"], strict=True):
+        assert after["grad_distance_z"] > before["grad_distance_z"]
+    texts = {name: [r["text"] for r in read_jsonl(tmp_path / name / "synthetic.jsonl")] for name in ("plain", "union")}
+    assert texts["plain"] != texts["union"]
 
 
 def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):

@@ -2,7 +2,7 @@
 
 import torch
 
-from gradmm.gradients import OutputLayer, mean_gradient, set_distance
+from gradmm.gradients import Objective, OutputLayer, mean_gradient
 from gradmm.projection import (
     MatchingContext,
     allowed_vocabulary,
@@ -48,11 +48,12 @@ def test_nearest_is_the_allowed_argmax_cosine(tiny_lm_factory):
     assert torch.equal(project_nearest(lm, points, allowed), expected)
 
 
-def _context(lm, label=1):
+def _context(lm, label=1, union_weight=0.0):
     head = OutputLayer.build(lm.output_weight, None, [3309, 1109], "label_words")
-    hidden = torch.randn(6, lm.output_weight.shape[1], dtype=lm.dtype)
-    target = mean_gradient(head.features(hidden, torch.full((6,), label)))
-    return MatchingContext(head, target, label, prompt_ids=[657, 436], distance="cosine")
+    hidden = torch.randn(12, lm.output_weight.shape[1], dtype=lm.dtype)
+    targets = [mean_gradient(head.features(hidden[6 * k : 6 * k + 6], torch.full((6,), k))) for k in (0, 1)]
+    objective = Objective(targets[label], "cosine", targets[1 - label], union_weight)
+    return MatchingContext(head, objective, label, prompt_ids=[657, 436])
 
 
 def test_matching_lm_without_matching_weight_keeps_the_paper_projection(tiny_lm_factory):
@@ -75,12 +76,12 @@ def test_matching_lm_with_large_weight_lowers_the_discrete_loss(tiny_lm_factory)
     ctx = _context(lm)
     points = torch.randn(4, 6, lm.input_embeddings.shape[1], dtype=torch.float64)
     current = project_nearest(lm, points, allowed)
-    before = set_distance(ctx.features(lm, current), ctx.target).item()
+    before = ctx.objective(ctx.features(lm, current)).item()
     kwargs = dict(topk=len(allowed), lm_topk=len(allowed), exact_candidates=4, prefix_ids=PREFIX)
     plain = project_matching_lm(lm, points, current, allowed, ctx, match_weight=0.0, **kwargs)
     guided = project_matching_lm(lm, points, current, allowed, ctx, match_weight=1e6, **kwargs)
-    after_plain = set_distance(ctx.features(lm, plain), ctx.target).item()
-    after_guided = set_distance(ctx.features(lm, guided), ctx.target).item()
+    after_plain = ctx.objective(ctx.features(lm, plain)).item()
+    after_guided = ctx.objective(ctx.features(lm, guided)).item()
     assert after_guided < min(before, after_plain)
 
 
@@ -107,11 +108,11 @@ def test_fast_paths_pick_the_same_tokens_as_the_plain_ones(tiny_lm_factory):
     decode choose exactly what full re-computation chooses, whether rows change or not."""
     lm = tiny_lm_factory(dtype="float64")
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
-    ctx = _context(lm)
     points = torch.randn(5, 7, lm.input_embeddings.shape[1], dtype=torch.float64)
     current = project_nearest(lm, points, allowed)
     changed_any = False
-    for weight, lm_topk in [(0.0, 30), (50.0, 30), (1e6, len(allowed))]:
+    for weight, lm_topk, ctx in [(0.0, 30, _context(lm)), (50.0, 30, _context(lm)), (1e6, len(allowed), _context(lm)),
+                                 (1e6, len(allowed), _context(lm, union_weight=1.0))]:
         kwargs = dict(topk=60, lm_topk=lm_topk, exact_candidates=3, match_weight=weight, prefix_ids=PREFIX)
         fast = project_matching_lm(lm, points, current, allowed, ctx, **kwargs)
         plain = project_matching_lm(lm, points, current, allowed, ctx, incremental=False, **kwargs)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from gradmm.gradients import GradFeatures, distance_from_sums, set_distance
+from gradmm.gradients import GradFeatures, Objective
 from gradmm.models import LM, mean_nll
 from gradmm.projection import (
     MatchingContext,
@@ -74,7 +74,7 @@ def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> t
     inputs = torch.cat([x.to(lm.dtype), prompt.expand(x.shape[0], -1, -1)], dim=1)
     hidden = lm.last_hidden(inputs_embeds=inputs)
     labels = torch.full((x.shape[0],), ctx.label, device=x.device)
-    return set_distance(ctx.head.features(hidden.float(), labels), ctx.target.float(), ctx.distance)
+    return ctx.objective.to(torch.float32)(ctx.head.features(hidden.float(), labels))
 
 
 def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictConfig) -> torch.Tensor:
@@ -108,21 +108,21 @@ def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch
         return candidates
     with torch.no_grad():
         feats = ctx.features(lm, candidates)
-    return candidates[select_matching_subset(feats, ctx.target, gen.batch_size, ctx.distance)]
+    return candidates[select_matching_subset(feats, ctx.objective, gen.batch_size)]
 
 
-def select_matching_subset(feats: GradFeatures, target: torch.Tensor, size: int, distance: str) -> torch.Tensor:
-    """Indices of `size` rows chosen greedily, each the one that most lowers the set distance of
+def select_matching_subset(feats: GradFeatures, objective: Objective, size: int) -> torch.Tensor:
+    """Indices of `size` rows chosen greedily, each the one that most lowers the matching loss of
     those chosen so far (the best subset is a combinatorial search). Every pick scores all remaining
     rows at once from the pairwise Gram sums, as `replacement_distances` does for swaps."""
     kernel = (feats.a @ feats.a.T) * (feats.h @ feats.h.T)
-    row_inner = (feats.a * (feats.h @ target.T)).sum(1)
+    row_inner = objective.row_inners(feats)
     in_set = torch.zeros(len(feats), dtype=torch.bool, device=kernel.device)
     order: list[int] = []
-    pair_sum, inner_sum = kernel.new_zeros(()), row_inner.new_zeros(())
+    pair_sum, inner_sum = kernel.new_zeros(()), row_inner.new_zeros(row_inner.shape[1:])
     for m in range(1, size + 1):
         pairs = pair_sum + 2 * kernel[:, in_set].sum(1) + kernel.diagonal()
-        scores = distance_from_sums((inner_sum + row_inner) / m, pairs / m**2, target, distance)
+        scores = objective.from_sums((inner_sum + row_inner) / m, pairs / m**2)
         best = int(scores.masked_fill(in_set, float("inf")).argmin())
         pair_sum, inner_sum = pairs[best], inner_sum + row_inner[best]
         in_set[best] = True
@@ -150,7 +150,7 @@ def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_i
     x = lm.input_embeddings[z].detach().float().clone()
     optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=cfg.admm.lr)
     with torch.no_grad():
-        distance = set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item()
+        distance = ctx.objective(ctx.features(lm, z)).item()
         record = {
             "outer_step": 0,
             "grad_distance_x": distance,
@@ -203,7 +203,7 @@ def run_round(
                 z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
                 z_emb = emb[z].float()
                 u += x - z_emb
-                grad_distance_z = set_distance(ctx.features(lm, z), ctx.target, ctx.distance).item()
+                grad_distance_z = ctx.objective(ctx.features(lm, z)).item()
                 if not math.isfinite(grad_distance_z):
                     raise NumericalFault(f"token matching loss became {grad_distance_z} at step {outer}")
                 log_ppl_z = mean_nll(lm, prefix_ids, z.tolist()).mean().item()

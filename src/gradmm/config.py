@@ -111,6 +111,8 @@ class GenerationConfig:
 class MatchingConfig:
     loss: str = "label_words"
     distance: str = "cosine"
+    # Weight of the class-balanced union's distance next to each class's own (gradients.Objective).
+    union_weight: float = 0.0
 
 
 @dataclass
@@ -350,6 +352,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(problems, "projector.name", proj.name, PROJECTORS)
     _choice(problems, "matching.loss", cfg.matching.loss, MATCHING_LOSSES)
     _choice(problems, "matching.distance", cfg.matching.distance, DISTANCES)
+    if isinstance(cfg.matching.union_weight, (int, float)) and cfg.matching.union_weight < 0:
+        problems.append(f"matching.union_weight={cfg.matching.union_weight} must be >= 0 (0: each class alone).")
     _choice(problems, "tracker.mode", cfg.tracker.mode, TRACKER_MODES)
     _choice(problems, "generation.init", gen.init, INITS)
     if gen.init_candidates is not None and isinstance(gen.batch_size, int) and gen.init_candidates < gen.batch_size:

@@ -111,13 +111,60 @@ def example_distances(feats: GradFeatures, target: torch.Tensor, kind: str = "co
     return distance_from_sums(inner, g2, target, kind)
 
 
+@dataclass
+class Objective:
+    """The matching loss of one class's synthetic set, whose mean gradient is G.
+
+    The class term is distance(G, T) against the class target T. Fine-tuning, though, follows the
+    gradient of batches that mix the classes, and with label words the class targets nearly cancel
+    in that mix (on SmolLM2 / SST-2, cos(T_0, -T_1) = 0.99): what tells the classes apart is their
+    small difference, which a per-class cosine does not see (it ignores the scale of G, and a few
+    percent of error in either class swamps the mix). With union_weight > 0 the loss adds
+    union_weight x distance(G + O, T + O), where O is the sum of the other classes' targets: the
+    balanced union of all classes against its target, the other classes counted at their targets, so
+    each class's set can still be optimised on its own.
+    """
+
+    target: torch.Tensor
+    distance: str = "cosine"
+    others: torch.Tensor | None = None
+    union_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.union_weight and self.others is None:
+            raise ValueError("an Objective with union_weight > 0 needs the other classes' targets (others).")
+
+    def row_inners(self, feats: GradFeatures) -> torch.Tensor:
+        """N x M: each row's <a_b h_b^T, X> for X = T (and O when the union term is on)."""
+        matrices = [self.target] + ([self.others] if self.union_weight else [])
+        return torch.stack([(feats.a * (feats.h @ m.T)).sum(1) for m in matrices], dim=-1)
+
+    def from_sums(self, inner: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        """The loss from the mean of `row_inners` (... x M) and ||G||^2 (...): batched variants
+        update those sums instead of recomputing them."""
+        loss = distance_from_sums(inner[..., 0], g2, self.target, self.distance)
+        if self.union_weight:
+            union = self.target + self.others
+            union_inner = inner[..., 0] + inner[..., 1] + (self.others * union).sum()
+            union_g2 = g2 + 2 * inner[..., 1] + (self.others * self.others).sum()
+            loss = loss + self.union_weight * distance_from_sums(union_inner, union_g2, union, self.distance)
+        return loss
+
+    def __call__(self, feats: GradFeatures) -> torch.Tensor:
+        return self.from_sums(self.row_inners(feats).mean(0), sq_norm(feats))
+
+    def to(self, dtype: torch.dtype) -> Objective:
+        others = None if self.others is None else self.others.to(dtype)
+        return Objective(self.target.to(dtype), self.distance, others, self.union_weight)
+
+
 def replacement_distances(
-    current: GradFeatures, candidates: GradFeatures, rows: torch.Tensor, target: torch.Tensor, kind: str
+    current: GradFeatures, candidates: GradFeatures, rows: torch.Tensor, objective: Objective
 ) -> torch.Tensor:
-    """Set distance after replacing row rows[j] of `current` with candidate j, for every j at once.
+    """The objective after replacing row rows[j] of `current` with candidate j, for every j at once.
 
     Exact (no linearisation) and O(J * N) given the features: it updates the Gram sums of
-    `sq_norm` and the inner product of `inner_with` instead of recomputing them per candidate.
+    `sq_norm` and the inner products of `Objective.row_inners` instead of recomputing them per candidate.
     """
     n = len(current)
     kernel = (current.a @ current.a.T) * (current.h @ current.h.T)  # N x N
@@ -129,10 +176,23 @@ def replacement_distances(
     k_new_old = cross_new[torch.arange(len(rows)), rows]
     # Sum over pairs after the swap: drop row r's pairs, add the candidate's pairs with the other rows.
     new_total = total - 2 * row_sum_old + k_old_old + 2 * (cross_new.sum(1) - k_new_old) + self_new
-    per_row_inner = (current.a * (current.h @ target.T)).sum(1)
-    cand_inner = (candidates.a * (candidates.h @ target.T)).sum(1)
-    inner = (per_row_inner.sum() - per_row_inner[rows] + cand_inner) / n
-    return distance_from_sums(inner, new_total / n**2, target, kind)
+    per_row_inner = objective.row_inners(current)
+    inner = (per_row_inner.sum(0) - per_row_inner[rows] + objective.row_inners(candidates)) / n
+    return objective.from_sums(inner, new_total / n**2)
+
+
+def balanced_union_distance(feats: GradFeatures, labels: torch.Tensor, targets: list[torch.Tensor],
+                            kind: str = "cosine") -> torch.Tensor:
+    """Distance between the mean over classes of each class's mean gradient and the mean of the
+    class targets: the gradient of a class-balanced batch, which is what fine-tuning follows."""
+    present = [k for k in range(len(targets)) if (labels == k).any()]
+    counts = torch.stack([(labels == k).sum() for k in present]).to(feats.a.dtype)
+    # Rows reweighted so that the plain mean over them is the mean of the class means.
+    weight = torch.zeros(len(feats), dtype=feats.a.dtype, device=feats.a.device)
+    for k, n_k in zip(present, counts, strict=True):
+        weight[labels == k] = len(feats) / (len(present) * n_k)
+    union_target = torch.stack([targets[k] for k in present]).mean(0)
+    return set_distance(GradFeatures(feats.a * weight[:, None], feats.h), union_target, kind)
 
 
 @torch.no_grad()

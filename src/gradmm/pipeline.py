@@ -23,7 +23,9 @@ from gradmm.config import ConfigError, validate
 from gradmm.filtering import filter_stage
 from gradmm.finetune import evaluate_stage
 from gradmm.gradients import (
+    Objective,
     OutputLayer,
+    balanced_union_distance,
     class_targets,
     example_distances,
     set_distance,
@@ -89,6 +91,7 @@ def score_texts(lm: LM, setup: Setup, head: OutputLayer, targets, texts: list[st
             continue
         per_example[rows.cpu()] = example_distances(feats.select(rows), target, distance).float().cpu()
         per_class.append(set_distance(feats.select(rows), target, distance).item())
+    union = balanced_union_distance(feats, labels_t, targets, distance).item()
     text_ids = [ids[: len(ids) - len(setup.verbalizer.prompt_ids)] for ids in inputs]
     log_ppl = mean_nll(lm, setup.prefix_ids, text_ids).cpu()
     return {
@@ -96,12 +99,13 @@ def score_texts(lm: LM, setup: Setup, head: OutputLayer, targets, texts: list[st
         "log_ppl": log_ppl.tolist(),
         "grad_distance_mean": float(per_example.mean()),
         "grad_distance_set": float(sum(per_class) / len(per_class)),
+        "grad_distance_union": union,
         "log_ppl_mean": float(log_ppl.mean()),
     }
 
 
 def _figures(scores: dict) -> dict:
-    return {k: scores[k] for k in ("grad_distance_mean", "grad_distance_set", "log_ppl_mean")}
+    return {k: scores[k] for k in ("grad_distance_mean", "grad_distance_set", "grad_distance_union", "log_ppl_mean")}
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict:
@@ -221,7 +225,7 @@ def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: 
     procs.wait_for_everyone()
     with procs.split_between_processes(pending) as mine:
         for k, r in tqdm(mine, desc="rounds", unit="round", disable=not procs.is_main_process):
-            _run_round_with_restarts(cfg, setup, lm, head, targets[k], allowed, tracker, rounds_dir, k, r)
+            _run_round_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, k, r)
     procs.wait_for_everyone()
     if not procs.is_main_process:
         return [], []
@@ -231,6 +235,11 @@ def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: 
     failed = [{"class": job[0], "round": job[1], "error": done[job]["failed"]}
               for job in jobs if done[job].get("failed")]
     return rows, failed
+
+
+def class_objective(cfg: DictConfig, targets: list[torch.Tensor], k: int) -> Objective:
+    others = sum(t for j, t in enumerate(targets) if j != k)
+    return Objective(targets[k], cfg.matching.distance, others, cfg.matching.union_weight)
 
 
 def _round_paths(rounds_dir: Path, k: int, r: int) -> tuple[Path, Path]:
@@ -270,10 +279,10 @@ def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs) -> None:
     artifacts.write_jsonl(tracker.metrics_path, records)
 
 
-def _run_round_with_restarts(cfg, setup, lm, head, target, allowed, tracker, rounds_dir, k, r) -> None:
+def _run_round_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, k, r) -> None:
     task, max_attempts = cfg.task, cfg.generation.max_restarts + 1
     finished, state_path = _round_paths(rounds_dir, k, r)
-    ctx = MatchingContext(head, target, k, setup.verbalizer.prompt_ids, cfg.matching.distance)
+    ctx = MatchingContext(head, class_objective(cfg, targets, k), k, setup.verbalizer.prompt_ids)
     steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False,
                  disable=not processes(cfg).is_main_process)
 
@@ -399,13 +408,14 @@ def _raise_interrupt(signum, frame):
 def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
     print(f"\nOutputs in {out_dir}/ (summary.json, synthetic.jsonl, metrics.jsonl, config.yaml, ...)")
     if "n_synthetic" in summary:
-        print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_mean':>20}{'log_ppl_mean':>14}")
+        print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_union':>20}{'grad_distance_mean':>20}"
+              f"{'log_ppl_mean':>14}")
         for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
                               ("real examples", summary["real_examples"])]:
             if figures is None:  # privacy=dp: the real examples were not reachable
                 continue
-            print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_mean']:>20.4f}"
-                  f"{figures['log_ppl_mean']:>14.2f}")
+            print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_union']:>20.4f}"
+                  f"{figures['grad_distance_mean']:>20.4f}{figures['log_ppl_mean']:>14.2f}")
         rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
         print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
         for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:

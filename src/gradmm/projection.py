@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from gradmm.gradients import GradFeatures, OutputLayer, replacement_distances, set_distance
+from gradmm.gradients import GradFeatures, Objective, OutputLayer, replacement_distances
 from gradmm.models import LM
 
 _WORD = re.compile(r" [A-Za-z]+")
@@ -120,10 +120,9 @@ class MatchingContext:
     """What the matching-aware projector needs to score a batch of one class's sequences."""
 
     head: OutputLayer
-    target: torch.Tensor
+    objective: Objective
     label: int
     prompt_ids: list[int]
-    distance: str
 
     def features(self, lm: LM, text_tokens: torch.Tensor) -> GradFeatures:
         prompt = torch.tensor(self.prompt_ids, device=text_tokens.device).expand(text_tokens.shape[0], -1)
@@ -132,14 +131,14 @@ class MatchingContext:
         return self.head.features(hidden, labels)
 
     def distance_gradient(self, lm: LM, text_tokens: torch.Tensor) -> torch.Tensor:
-        """d(set distance)/d(input embedding) at each text position: B x L x d (one backward)."""
+        """d(matching loss)/d(input embedding) at each text position: B x L x d (one backward)."""
         with torch.enable_grad():
             emb = lm.input_embeddings[text_tokens].detach().requires_grad_(True)
             prompt = lm.input_embeddings[torch.tensor(self.prompt_ids, device=emb.device)]
             inputs = torch.cat([emb, prompt.expand(emb.shape[0], -1, -1)], dim=1)
             hidden = lm.last_hidden(inputs_embeds=inputs)
             labels = torch.full((emb.shape[0],), self.label, device=emb.device)
-            loss = set_distance(self.head.features(hidden, labels), self.target, self.distance)
+            loss = self.objective(self.head.features(hidden, labels))
             (grad,) = torch.autograd.grad(loss, emb)
         return grad
 
@@ -221,7 +220,7 @@ def project_matching_lm(
         cand = ranking.topk(exact_candidates, dim=-1).indices  # B x J
         keep = cand == chosen[:, t : t + 1]
         valid = candidates_mask.gather(-1, cand) | keep
-        base = set_distance(feats, ctx.target, ctx.distance)
+        base = ctx.objective(feats)
         if incremental:
             rows, slots = (valid & ~keep).nonzero(as_tuple=True)
             dist = base.expand(n_rows, exact_candidates).clone()
@@ -229,13 +228,13 @@ def project_matching_lm(
                 trial = chosen[rows]
                 trial[:, t] = cand[rows, slots]
                 trial_feats, trial_kv = scorer.run(trial, rows, t)
-                dist[rows, slots] = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance)
+                dist[rows, slots] = replacement_distances(feats, trial_feats, rows, ctx.objective)
         else:
             trial = chosen.repeat_interleave(exact_candidates, dim=0)
             trial[:, t] = cand.reshape(-1)
             trial_feats = ctx.features(lm, trial)
             rows = row_ids.repeat_interleave(exact_candidates)
-            dist = replacement_distances(feats, trial_feats, rows, ctx.target, ctx.distance).view(n_rows, -1)
+            dist = replacement_distances(feats, trial_feats, rows, ctx.objective).view(n_rows, -1)
         score = logprobs.gather(-1, cand) - match_weight * (dist - base)
         best = score.masked_fill(~valid, -float("inf")).argmax(dim=-1)
         if incremental:
