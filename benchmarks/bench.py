@@ -111,7 +111,7 @@ def bench_shape(
     with open_dict(shape_cfg):
         shape_cfg.generation.batch_size, shape_cfg.generation.seq_len = batch_size, seq_len
     reset_peak_memory(device)
-    state = start_round(lm, shape_cfg, ctx, allowed, prefix_ids, torch.Generator().manual_seed(0))
+    state = start_round(lm, shape_cfg, ctx, allowed, prefix_ids, [torch.Generator().manual_seed(0)])
     x = state.x.clone().requires_grad_(True)
     u, z = torch.zeros_like(x), state.z
     z_emb = lm.input_embeddings[z].float()
@@ -159,7 +159,7 @@ def bench_shape(
         )
         same_tokens = bool(torch.equal(results["plain"], results["matching_lm"]))
     with torch.no_grad():
-        distance = ctx.objective(ctx.features(lm, results["matching_lm"])).item()
+        distance = ctx.group_losses(ctx.features(lm, results["matching_lm"])).item()
     return {
         "kind": "shape",
         "model": cfg.model.name,
@@ -206,8 +206,8 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
         short.generation.checkpoint_every = outer_steps + 1
     round_s = []
     for k in range(n_classes):
-        ctx = MatchingContext(head, class_objective(cfg, targets, k), k, setup.verbalizer.prompt_ids)
-        state = start_round(lm, short, ctx, allowed, setup.prefix_ids, torch.Generator().manual_seed(k))
+        ctx = MatchingContext(head, [class_objective(cfg, targets, k)], [k], setup.verbalizer.prompt_ids)
+        state = start_round(lm, short, ctx, allowed, setup.prefix_ids, [torch.Generator().manual_seed(k)])
         run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
         start_s, outer = state.records[0]["seconds"], [r["seconds"] for r in state.records[1:]]
         round_s.append(start_s + cfg.admm.outer_steps * statistics.mean(outer))
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = [bench_end_to_end(lm, cfg, setup, head, allowed, mode["e2e_outer_steps"])]
     targets, _ = compute_targets(cfg, setup, lm, head)
     label = len(targets) - 1
-    ctx = MatchingContext(head, class_objective(cfg, targets, label), label, setup.verbalizer.prompt_ids)
+    ctx = MatchingContext(head, [class_objective(cfg, targets, label)], [label], setup.verbalizer.prompt_ids)
     for batch_size in args.batch_sizes or mode["batch_sizes"]:
         for seq_len in args.seq_lens or mode["seq_lens"]:
             records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))

@@ -35,7 +35,7 @@ def test_init_candidates_draw_one_batched_sample_and_keep_its_best_matching_rows
     head = OutputLayer.build(lm.output_weight, None, [3309, 1109], "label_words")
     hidden = torch.randn(6, lm.output_weight.shape[1], dtype=lm.dtype)
     target = mean_gradient(head.features(hidden, torch.ones(6, dtype=torch.long)))
-    ctx = MatchingContext(head, Objective(target), 1, prompt_ids=[657, 436])
+    ctx = MatchingContext(head, [Objective(target)], [1], prompt_ids=[657, 436])
     with open_dict(tiny_cfg):
         tiny_cfg.generation.init_candidates = 16
     gen = tiny_cfg.generation
@@ -44,7 +44,7 @@ def test_init_candidates_draw_one_batched_sample_and_keep_its_best_matching_rows
 
     pool = sample_sequences(lm, 16, gen.seq_len, allowed, [42], temperature=gen.init_temperature,
                             lm_topk=tiny_cfg.projector.lm_topk, generator=torch.Generator().manual_seed(3))
-    best = pool[select_matching_subset(ctx.features(lm, pool), ctx.objective, gen.batch_size)]
+    best = pool[select_matching_subset(ctx.features(lm, pool), ctx.objectives[0], gen.batch_size)]
     assert z.shape == (gen.batch_size, gen.seq_len)
     assert torch.equal(z, best)
     first_batch = set_distance(ctx.features(lm, pool[: gen.batch_size]), target)

@@ -44,7 +44,7 @@ def test_a_nan_round_restarts_from_a_fresh_initialisation(tiny_cfg, tmp_path, mo
 
 
 def test_a_round_that_keeps_failing_is_reported_and_the_others_kept(tiny_cfg, tmp_path, monkeypatch):
-    _poison(monkeypatch, lambda n, ctx: ctx.label == 0)
+    _poison(monkeypatch, lambda n, ctx: ctx.labels == [0])
     summary = run_job(tiny_cfg, tmp_path)
     assert summary["n_synthetic"] == tiny_cfg.generation.batch_size, "class 1's round survives"
     (failed,) = summary["failed_rounds"]

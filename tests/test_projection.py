@@ -53,7 +53,7 @@ def _context(lm, label=1, union_weight=0.0):
     hidden = torch.randn(12, lm.output_weight.shape[1], dtype=lm.dtype)
     targets = [mean_gradient(head.features(hidden[6 * k : 6 * k + 6], torch.full((6,), k))) for k in (0, 1)]
     objective = Objective(targets[label], "cosine", targets[1 - label], union_weight)
-    return MatchingContext(head, objective, label, prompt_ids=[657, 436])
+    return MatchingContext(head, [objective], [label], prompt_ids=[657, 436])
 
 
 def test_matching_lm_without_matching_weight_keeps_the_paper_projection(tiny_lm_factory):
@@ -76,12 +76,12 @@ def test_matching_lm_with_large_weight_lowers_the_discrete_loss(tiny_lm_factory)
     ctx = _context(lm)
     points = torch.randn(4, 6, lm.input_embeddings.shape[1], dtype=torch.float64)
     current = project_nearest(lm, points, allowed)
-    before = ctx.objective(ctx.features(lm, current)).item()
+    before = ctx.group_losses(ctx.features(lm, current)).item()
     kwargs = dict(topk=len(allowed), lm_topk=len(allowed), exact_candidates=4, prefix_ids=PREFIX)
     plain = project_matching_lm(lm, points, current, allowed, ctx, match_weight=0.0, **kwargs)
     guided = project_matching_lm(lm, points, current, allowed, ctx, match_weight=1e6, **kwargs)
-    after_plain = ctx.objective(ctx.features(lm, plain)).item()
-    after_guided = ctx.objective(ctx.features(lm, guided)).item()
+    after_plain = ctx.group_losses(ctx.features(lm, plain)).item()
+    after_guided = ctx.group_losses(ctx.features(lm, guided)).item()
     assert after_guided < min(before, after_plain)
 
 

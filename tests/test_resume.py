@@ -126,6 +126,29 @@ def test_killed_while_writing_resumes_to_the_same_result(tmp_path, uninterrupted
     assert not list(job.glob("rounds/.*.tmp")), "half-written checkpoints are cleared on resume"
 
 
+def test_a_batch_of_rounds_killed_mid_step_resumes_to_the_same_result(tmp_path):
+    """Three rounds side by side share one checkpoint; a job resumed with another batching drops the
+    other batching's checkpoint and runs those rounds again, one by one."""
+    batched = ("generation.rounds_per_batch=3",)
+    for name in ("reference", "killed", "rebatched"):
+        (tmp_path / name).mkdir()
+    _run(tmp_path / "reference", *batched)
+    process = _start(tmp_path / "killed", *batched)
+    _wait_for(tmp_path / "killed", lambda job: list(job.glob("rounds/class0_round0-class1_round0.state.pt")))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _run(tmp_path / "killed", *batched)
+    assert _result(_job_dir(tmp_path / "killed")) == _result(_job_dir(tmp_path / "reference"))
+
+    process = _start(tmp_path / "rebatched", *batched)
+    _wait_for(tmp_path / "rebatched", lambda job: list(job.glob("rounds/class0_round0-class1_round0.state.pt")))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _run(tmp_path / "rebatched", "generation.rounds_per_batch=1")
+    job = _job_dir(tmp_path / "rebatched")
+    assert len(_result(job)[1]) == N_RECORDS and not list(job.glob("rounds/*.state.pt"))
+
+
 def _saved_steps(job: Path) -> int:
     """Outer steps (step 0 included) held by finished rounds and checkpoints."""
     n = sum(len(json.loads(p.read_text())["records"]) for p in job.glob("rounds/*.json"))

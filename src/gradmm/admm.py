@@ -1,10 +1,15 @@
-"""ADMM over synthetic input embeddings (method.md section 3), one round of one class at a time.
+"""ADMM over synthetic input embeddings (method.md section 3), for a batch of one or more groups.
 
-x: continuous embeddings of B sequences (the prompt positions are appended as constants, so they
+A group is one round of one class: B sequences matched against that class's objective. Several groups
+can run side by side in one batch (`generation.rounds_per_batch`, for accelerators that a batch of B
+leaves idle); their losses, gradient clipping and best iterates are kept apart, so each group follows
+the same path it would alone (up to the float rounding of a larger batch).
+
+x: continuous embeddings of the sequences (the prompt positions are appended as constants, so they
 stay pinned); z: the same sequences as vocabulary tokens; u: the scaled dual. Each outer step runs
-inner Adam steps on matching(x) + rho/2 * mean_t ||x_t - z_t + u_t||^2 (a per-token mean, so rho does
-not scale with B and L), then z = Project(x + u) and u += x - z. The round returns the z with the
-lowest discrete matching loss, which is what the method is judged by.
+inner Adam steps on matching(x) + rho/2 * mean_t ||x_t - z_t + u_t||^2 (per group, a per-token mean,
+so rho does not scale with B and L), then z = Project(x + u) and u += x - z. Each group returns its z
+with the lowest discrete matching loss, which is what the method is judged by.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ class NumericalFault(RuntimeError):
 
 @dataclass
 class RoundResult:
-    tokens: torch.Tensor  # B x L, best iterate
-    grad_distance: float  # its discrete set distance
+    """One group's best iterate."""
+
+    tokens: torch.Tensor  # B x L
+    grad_distance: float  # its discrete matching loss
     best_outer_step: int
 
 
@@ -49,8 +56,8 @@ class RoundState:
     u: torch.Tensor
     z: torch.Tensor
     optimizer: dict
-    best: RoundResult
-    records: list[dict] = field(default_factory=list)
+    best: list[RoundResult]  # per group
+    records: list[dict] = field(default_factory=list)  # per group and outer step, with its "group"
     # The global torch RNG states: nothing in a round draws from them today, but a library call that
     # did would otherwise make a resumed round differ from an uninterrupted one.
     rng: dict = field(default_factory=dict)
@@ -70,29 +77,37 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> torch.Tensor:
+    """Each group's matching loss of the continuous embeddings x (G values)."""
     prompt = lm.input_embeddings[torch.tensor(ctx.prompt_ids, device=x.device)]
     inputs = torch.cat([x.to(lm.dtype), prompt.expand(x.shape[0], -1, -1)], dim=1)
     hidden = lm.last_hidden(inputs_embeds=inputs)
-    labels = torch.full((x.shape[0],), ctx.label, device=x.device)
-    return ctx.objective.to(torch.float32)(ctx.head.features(hidden.float(), labels))
+    # The loss in float32 at least: its small probabilities are what the gradient is made of.
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    feats = ctx.head.features(hidden.to(dtype), ctx.row_labels(len(x), x.device))
+    return ctx.group_losses(feats, dtype)
 
 
 def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictConfig) -> torch.Tensor:
-    """One x-step: a forward and a backward to x (the weights need no gradient), then clipped Adam.
-    Returns the loss; a non-finite one leaves x and the optimizer untouched for the caller to stop."""
+    """One x-step: a forward and a backward to x (the weights need no gradient), then Adam with each
+    group's gradient clipped on its own. Returns the summed loss; a non-finite one leaves x and the
+    optimizer untouched for the caller to stop."""
     optimizer.zero_grad(set_to_none=True)
+    groups = ctx.n_groups
     match = matching_loss_continuous(lm, ctx, x)
-    penalty = (x - z_emb + u).pow(2).sum(-1).mean()
-    loss = match + admm.rho / 2 * penalty
+    penalty = (x - z_emb + u).pow(2).sum(-1).view(groups, -1).mean(1)
+    loss = (match + admm.rho / 2 * penalty).sum()
     if torch.isfinite(loss):
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([x], admm.grad_clip)
+        per_group = x.grad.view(groups, -1)
+        # torch.nn.utils.clip_grad_norm_'s rule, per group.
+        per_group.mul_((admm.grad_clip / (per_group.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0))
         optimizer.step()
     return loss.detach()
 
 
 def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch.Tensor, prefix_ids,
                    generator) -> torch.Tensor:
+    """One group's starting sequences (ctx holds that group alone)."""
     gen = cfg.generation
     n_candidates = gen.init_candidates or gen.batch_size
     if gen.init == "lm_sample":
@@ -108,7 +123,7 @@ def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch
         return candidates
     with torch.no_grad():
         feats = ctx.features(lm, candidates)
-    return candidates[select_matching_subset(feats, ctx.objective, gen.batch_size)]
+    return candidates[select_matching_subset(feats, ctx.objectives[0], gen.batch_size)]
 
 
 def select_matching_subset(feats: GradFeatures, objective: Objective, size: int) -> torch.Tensor:
@@ -143,24 +158,29 @@ def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) 
     )
 
 
-def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, generator) -> RoundState:
-    """Initial tokens, x = their embeddings, u = 0; recorded as outer step 0."""
+def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids,
+                generators: list[torch.Generator]) -> RoundState:
+    """Each group's initial tokens (from its own generator, so a group starts the same in any batch),
+    x = their embeddings, u = 0; recorded as outer step 0."""
     started = time.perf_counter()
-    z = initial_tokens(lm, cfg, ctx, allowed, prefix_ids, generator)
+    z = torch.cat([initial_tokens(lm, cfg, ctx.group(g), allowed, prefix_ids, generator)
+                   for g, generator in enumerate(generators)])
     x = lm.input_embeddings[z].detach().float().clone()
     optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=cfg.admm.lr)
     with torch.no_grad():
-        distance = ctx.objective(ctx.features(lm, z)).item()
-        record = {
-            "outer_step": 0,
-            "grad_distance_x": distance,
-            "grad_distance_z": distance,
-            "log_ppl_z": mean_nll(lm, prefix_ids, z.tolist()).mean().item(),
-            "primal_residual": 0.0,
-            "seconds": time.perf_counter() - started,
-        }
-    return RoundState(1, x.detach(), torch.zeros_like(x), z, optimizer.state_dict(),
-                      RoundResult(z, distance, 0), [record], rng_state(lm.device))
+        distances = ctx.group_losses(ctx.features(lm, z)).tolist()
+        log_ppl = _group_means(mean_nll(lm, prefix_ids, z.tolist()), ctx.n_groups)
+    seconds = time.perf_counter() - started
+    records = [{"group": g, "outer_step": 0, "grad_distance_x": d, "grad_distance_z": d, "log_ppl_z": log_ppl[g],
+                "primal_residual": 0.0, "seconds": seconds} for g, d in enumerate(distances)]
+    best = [RoundResult(tokens, d, 0) for tokens, d in zip(z.chunk(ctx.n_groups), distances, strict=True)]
+    return RoundState(1, x.detach(), torch.zeros_like(x), z, optimizer.state_dict(), best, records,
+                      rng_state(lm.device))
+
+
+def _group_means(values: torch.Tensor, n_groups: int) -> list[float]:
+    """Means over each group's rows of a per-row (or per-row-and-more) tensor."""
+    return values.reshape(n_groups, -1).float().mean(1).tolist()
 
 
 def run_round(
@@ -172,17 +192,20 @@ def run_round(
     state: RoundState,
     on_outer_step: Callable[[dict], None] = lambda record: None,
     on_checkpoint: Callable[[RoundState], None] = lambda state: None,
-) -> RoundResult:
+) -> list[RoundResult]:
     """Runs outer steps state.next_step..admm.outer_steps; `state` may come from a checkpoint.
+    Returns each group's best iterate.
 
-    on_checkpoint receives the state after every `generation.checkpoint_every` outer steps, and after
-    the last finished one when a KeyboardInterrupt (SIGINT, or SIGTERM turned into one) stops the
-    round. A round continued from any of these states is bit-identical to an uninterrupted one.
+    on_outer_step receives each group's record of each outer step. on_checkpoint receives the state
+    after every `generation.checkpoint_every` outer steps, and after the last finished one when a
+    KeyboardInterrupt (SIGINT, or SIGTERM turned into one) stops the round. A round continued from any
+    of these states is bit-identical to an uninterrupted one.
     """
     admm = cfg.admm
     emb = lm.input_embeddings
+    groups = ctx.n_groups
     x = state.x.clone().requires_grad_(True)
-    u, z, best = state.u.clone(), state.z.clone(), state.best
+    u, z, best = state.u.clone(), state.z.clone(), list(state.best)
     optimizer = torch.optim.Adam([x], lr=admm.lr)
     optimizer.load_state_dict(state.optimizer)
     if state.rng:
@@ -199,31 +222,36 @@ def run_round(
             with torch.no_grad():
                 if not torch.isfinite(x).all():
                     raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
-                grad_distance_x = matching_loss_continuous(lm, ctx, x).item()
+                grad_distance_x = matching_loss_continuous(lm, ctx, x).tolist()
                 z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
                 z_emb = emb[z].float()
                 u += x - z_emb
-                grad_distance_z = ctx.objective(ctx.features(lm, z)).item()
-                if not math.isfinite(grad_distance_z):
+                grad_distance_z = ctx.group_losses(ctx.features(lm, z)).tolist()
+                if not all(math.isfinite(d) for d in grad_distance_z):
                     raise NumericalFault(f"token matching loss became {grad_distance_z} at step {outer}")
-                log_ppl_z = mean_nll(lm, prefix_ids, z.tolist()).mean().item()
-                primal_residual = (x - z_emb).norm(dim=-1).mean().item()
-            if grad_distance_z < best.grad_distance:
-                best = RoundResult(z.clone(), grad_distance_z, outer)
-            record = {
-                "outer_step": outer,
-                "grad_distance_x": grad_distance_x,
-                "grad_distance_z": grad_distance_z,
-                "log_ppl_z": log_ppl_z,
-                "primal_residual": primal_residual,
-                "seconds": time.perf_counter() - started,
-            }
-            state.records.append(record)
+                log_ppl_z = _group_means(mean_nll(lm, prefix_ids, z.tolist()), groups)
+                primal_residual = _group_means((x - z_emb).norm(dim=-1), groups)
+            seconds = time.perf_counter() - started
+            records = []
+            for g, tokens in enumerate(z.chunk(groups)):
+                if grad_distance_z[g] < best[g].grad_distance:
+                    best[g] = RoundResult(tokens.clone(), grad_distance_z[g], outer)
+                records.append({
+                    "group": g,
+                    "outer_step": outer,
+                    "grad_distance_x": grad_distance_x[g],
+                    "grad_distance_z": grad_distance_z[g],
+                    "log_ppl_z": log_ppl_z[g],
+                    "primal_residual": primal_residual[g],
+                    "seconds": seconds,
+                })
+            state.records.extend(records)
             # Copies: Adam updates its moment tensors in place, and x, u, z move on.
             latest = RoundState(outer + 1, x.detach().clone(), u.clone(), z.clone(),
-                                copy.deepcopy(optimizer.state_dict()), best, list(state.records),
+                                copy.deepcopy(optimizer.state_dict()), list(best), list(state.records),
                                 rng_state(lm.device))
-            on_outer_step(record)
+            for record in records:
+                on_outer_step(record)
             if outer < admm.outer_steps and outer % cfg.generation.checkpoint_every == 0:
                 on_checkpoint(latest)
                 saved_step = outer

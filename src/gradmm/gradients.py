@@ -50,9 +50,9 @@ class OutputLayer:
         raise ValueError(f"matching.loss={loss!r} is not one of label_words, full_vocab.")
 
     def features(self, hidden: torch.Tensor, labels: torch.Tensor) -> GradFeatures:
-        logits = hidden @ self.weight.T
+        logits = hidden @ self.weight.T.to(hidden.dtype)
         if self.bias is not None:
-            logits = logits + self.bias
+            logits = logits + self.bias.to(hidden.dtype)
             hidden = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)
         a = torch.softmax(_at_least_fp32(logits), dim=-1).to(hidden.dtype)
         a = a - torch.nn.functional.one_hot(self.label_rows[labels], a.shape[1]).to(a.dtype)

@@ -205,32 +205,36 @@ def processes(cfg: DictConfig) -> PartialState:
 
 def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker, out_dir: Path):
     """Every (class, round) batch of synthetic sequences, as output rows (text, label, round), and
-    the rounds that failed. Finished rounds and the round in progress live in out_dir/rounds/, so a
-    re-run continues where the last one stopped, with identical results.
+    the rounds that failed. Rounds run `generation.rounds_per_batch` at a time, side by side. Finished
+    rounds and the batch in progress live in out_dir/rounds/, so a re-run continues where the last one
+    stopped, with identical results.
 
-    Under `accelerate launch` each process runs its share of the unfinished rounds; the main process
+    Under `accelerate launch` each process runs its share of the unfinished batches; the main process
     then collects all of them, and the others get ([], [])."""
     task, gen = cfg.task, cfg.generation
     procs = processes(cfg)
     rounds_dir = out_dir / "rounds"
     rounds_dir.mkdir(exist_ok=True)
     jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
-    pending = [job for job in jobs if _load_round(rounds_dir, *job) is None]
+    # A fixed partition of every round, so a resumed job finds its batch checkpoints under the same names.
+    batches = [jobs[i : i + gen.rounds_per_batch] for i in range(0, len(jobs), gen.rounds_per_batch)]
+    pending = [batch for batch in batches if any(_load_round(rounds_dir, *job) is None for job in batch)]
     if procs.is_main_process:
-        # Checkpoints that a killed job was writing when it died.
-        for orphan in rounds_dir.glob(".*.tmp"):
+        # Checkpoints that a killed job was writing when it died, and those of another batching.
+        current = {_checkpoint_path(rounds_dir, batch) for batch in pending}
+        for orphan in [*rounds_dir.glob(".*.tmp"), *(p for p in rounds_dir.glob("*.state.pt") if p not in current)]:
             orphan.unlink()
-        _rewrite_metrics(tracker, rounds_dir, jobs)
-    # Every process lists the unfinished rounds before any process saves one: all split the same list.
+        _rewrite_metrics(tracker, rounds_dir, batches)
+    # Every process lists the unfinished batches before any process saves one: all split the same list.
     procs.wait_for_everyone()
     with procs.split_between_processes(pending) as mine:
-        for k, r in tqdm(mine, desc="rounds", unit="round", disable=not procs.is_main_process):
-            _run_round_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, k, r)
+        for batch in tqdm(mine, desc="rounds", unit="batch", disable=not procs.is_main_process):
+            _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, batch)
     procs.wait_for_everyone()
     if not procs.is_main_process:
         return [], []
     done = {job: _load_round(rounds_dir, *job) for job in jobs}
-    _rewrite_metrics(tracker, rounds_dir, jobs)
+    _rewrite_metrics(tracker, rounds_dir, batches)
     rows = [row for job in jobs for row in done[job]["rows"]]
     failed = [{"class": job[0], "round": job[1], "error": done[job]["failed"]}
               for job in jobs if done[job].get("failed")]
@@ -242,18 +246,24 @@ def class_objective(cfg: DictConfig, targets: list[torch.Tensor], k: int) -> Obj
     return Objective(targets[k], cfg.matching.distance, others, cfg.matching.union_weight)
 
 
-def _round_paths(rounds_dir: Path, k: int, r: int) -> tuple[Path, Path]:
-    stem = rounds_dir / f"class{k}_round{r}"
-    return stem.with_suffix(".json"), stem.with_suffix(".state.pt")
+def _round_path(rounds_dir: Path, k: int, r: int) -> Path:
+    return rounds_dir / f"class{k}_round{r}.json"
+
+
+def _checkpoint_path(rounds_dir: Path, batch: list[tuple[int, int]]) -> Path:
+    """Named after the batch's rounds: class0_round3 alone, class0_round3-class1_round0 for a run of them."""
+    (k0, r0), (k1, r1) = batch[0], batch[-1]
+    stem = f"class{k0}_round{r0}" + (f"-class{k1}_round{r1}" if len(batch) > 1 else "")
+    return rounds_dir / f"{stem}.state.pt"
 
 
 def _load_round(rounds_dir: Path, k: int, r: int) -> dict | None:
-    finished, _ = _round_paths(rounds_dir, k, r)
+    finished = _round_path(rounds_dir, k, r)
     return json.loads(finished.read_text()) if finished.is_file() else None
 
 
 def _load_checkpoint(state_path: Path) -> dict:
-    """The round in progress: its attempt number, the faults of earlier attempts, and its RoundState
+    """The batch in progress: its attempt number, the faults of earlier attempts, and its RoundState
     (None right after a fault: the attempt starts from its fresh initialisation)."""
     if state_path.is_file():
         return torch.load(state_path, weights_only=False)
@@ -264,69 +274,84 @@ def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: R
     artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": state})
 
 
-def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs) -> None:
+def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, batches) -> None:
     """metrics.jsonl holds exactly the outer steps that survive in saved rounds and checkpoints, in job
     order: steps recomputed after a resume, or by another process, are logged once."""
     records = []
-    for k, r in jobs:
-        finished, state_path = _round_paths(rounds_dir, k, r)
-        if finished.is_file():
-            saved = json.loads(finished.read_text())["records"]
-        else:
-            state = _load_checkpoint(state_path)["state"]
-            saved = state.records if state is not None else []
-        records += [{"class": k, "round": r, **rec} for rec in saved]
+    for batch in batches:
+        saved = [_load_round(rounds_dir, k, r) for k, r in batch]
+        if all(saved):
+            records += [{"class": k, "round": r, **rec} for (k, r), round_ in zip(batch, saved, strict=True)
+                        for rec in round_["records"]]
+            continue
+        state = _load_checkpoint(_checkpoint_path(rounds_dir, batch))["state"]
+        for g, (k, r) in enumerate(batch):
+            records += [{"class": k, "round": r, **_without_group(rec)}
+                        for rec in (state.records if state is not None else []) if rec["group"] == g]
     artifacts.write_jsonl(tracker.metrics_path, records)
 
 
-def _run_round_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, k, r) -> None:
+def _without_group(record: dict) -> dict:
+    """A group's record as its round reports it: the group index only means something inside a batch."""
+    return {key: value for key, value in record.items() if key != "group"}
+
+
+def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, batch) -> None:
     task, max_attempts = cfg.task, cfg.generation.max_restarts + 1
-    finished, state_path = _round_paths(rounds_dir, k, r)
-    ctx = MatchingContext(head, class_objective(cfg, targets, k), k, setup.verbalizer.prompt_ids)
-    steps = tqdm(total=cfg.admm.outer_steps, desc=f"class {task.label_names[k]} round {r}", leave=False,
-                 disable=not processes(cfg).is_main_process)
+    state_path = _checkpoint_path(rounds_dir, batch)
+    ctx = MatchingContext(head, [class_objective(cfg, targets, k) for k, _ in batch], [k for k, _ in batch],
+                          setup.verbalizer.prompt_ids)
+    names = ", ".join(f"{task.label_names[k]} round {r}" for k, r in batch)
+    steps = tqdm(total=cfg.admm.outer_steps, desc=names, leave=False, disable=not processes(cfg).is_main_process)
 
     def on_outer_step(record):
-        tracker.log({"class": k, "round": r, **record})
-        steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
-        steps.update()
+        k, r = batch[record["group"]]
+        tracker.log({"class": k, "round": r, **_without_group(record)})
+        if record["group"] == len(batch) - 1:
+            steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
+            steps.update()
 
     checkpoint = _load_checkpoint(state_path)
     attempt, faults, state = checkpoint["attempt"], checkpoint["faults"], checkpoint["state"]
     while attempt < max_attempts:
         if state is None:
-            # Seeded by (seed, class, round, attempt) alone, so rounds are independent of each other, of
-            # the order they run in and of the process that runs them.
-            seed = cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt
-            torch.manual_seed(seed)
-            state = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, torch.Generator().manual_seed(seed))
+            # Each round seeded by (seed, class, round, attempt) alone, so rounds are independent of each
+            # other, of the order they run in, of the batch they share and of the process that runs them.
+            seeds = [cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt for k, r in batch]
+            torch.manual_seed(seeds[0])
+            state = start_round(lm, cfg, ctx, allowed, setup.prefix_ids,
+                                [torch.Generator().manual_seed(seed) for seed in seeds])
             # Saved before it is logged, like every later step: whatever metrics.jsonl shows survives a kill.
             _save_checkpoint(state_path, attempt, faults, state)
             for record in state.records:
-                tracker.log({"class": k, "round": r, **record})
+                k, r = batch[record["group"]]
+                tracker.log({"class": k, "round": r, **_without_group(record)})
         else:
             steps.update(state.next_step - 1 - steps.n)
         try:
-            result = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, state, on_outer_step,
-                               functools.partial(_save_checkpoint, state_path, attempt, faults))
+            results = run_round(lm, cfg, ctx, allowed, setup.prefix_ids, state, on_outer_step,
+                                functools.partial(_save_checkpoint, state_path, attempt, faults))
             break
         except NumericalFault as fault:
+            # The batch's rounds share one optimiser state, so all of them restart.
             faults.append(f"attempt {attempt + 1} of {max_attempts}: {fault}")
-            log.warning("class %s round %d: %s", task.label_names[k], r, faults[-1])
+            log.warning("%s: %s", names, faults[-1])
             attempt, state = attempt + 1, None
             steps.reset()
             # A job killed now resumes with the next attempt, as this one would have gone on.
             _save_checkpoint(state_path, attempt, faults, None)
     steps.close()
-    if attempt == max_attempts:
-        log.warning("class %s round %d failed %d times; the others go on", task.label_names[k], r, attempt)
-        saved = {"rows": [], "records": [], "failed": faults[-1], "faults": faults}
-    else:
-        rows = [{"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k],
-                 "round": r} for seq in result.tokens.tolist()]
-        saved = {"rows": rows, "records": state.records, "best_outer_step": result.best_outer_step,
-                 "faults": faults, "process": processes(cfg).process_index}
-    artifacts.write_json(finished, saved)
+    for g, (k, r) in enumerate(batch):
+        if attempt == max_attempts:
+            log.warning("class %s round %d failed %d times; the others go on", task.label_names[k], r, attempt)
+            saved = {"rows": [], "records": [], "failed": faults[-1], "faults": faults}
+        else:
+            rows = [{"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k],
+                     "round": r} for seq in results[g].tokens.tolist()]
+            saved = {"rows": rows, "records": [_without_group(rec) for rec in state.records if rec["group"] == g],
+                     "best_outer_step": results[g].best_outer_step, "faults": faults,
+                     "process": processes(cfg).process_index}
+        artifacts.write_json(_round_path(rounds_dir, k, r), saved)
     state_path.unlink(missing_ok=True)
 
 

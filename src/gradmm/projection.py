@@ -117,18 +117,48 @@ def project_topk_lm(
 
 @dataclass
 class MatchingContext:
-    """What the matching-aware projector needs to score a batch of one class's sequences."""
+    """What the matching-aware steps need to score a batch of sequences: one or more groups of equal
+    size (a class's round each, optimised side by side), each matched against its own objective.
+    Row i belongs to group i // (rows / groups). The groups' losses are independent of each other."""
 
     head: OutputLayer
-    objective: Objective
-    label: int
+    objectives: list[Objective]
+    labels: list[int]
     prompt_ids: list[int]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.objectives)
+
+    def group(self, g: int) -> MatchingContext:
+        return MatchingContext(self.head, [self.objectives[g]], [self.labels[g]], self.prompt_ids)
+
+    def row_labels(self, n_rows: int, device) -> torch.Tensor:
+        return torch.tensor(self.labels, device=device).repeat_interleave(n_rows // self.n_groups)
 
     def features(self, lm: LM, text_tokens: torch.Tensor) -> GradFeatures:
         prompt = torch.tensor(self.prompt_ids, device=text_tokens.device).expand(text_tokens.shape[0], -1)
         hidden = lm.last_hidden(input_ids=torch.cat([text_tokens, prompt], dim=1))
-        labels = torch.full((text_tokens.shape[0],), self.label, device=text_tokens.device)
-        return self.head.features(hidden, labels)
+        return self.head.features(hidden, self.row_labels(len(text_tokens), text_tokens.device))
+
+    def group_losses(self, feats: GradFeatures, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Each group's matching loss (G values); dtype: of the objectives' tensors (None: as stored)."""
+        size = len(feats) // self.n_groups
+        return torch.stack([
+            (objective if dtype is None else objective.to(dtype))(feats.select(slice(g * size, (g + 1) * size)))
+            for g, objective in enumerate(self.objectives)
+        ])
+
+    def replacement_losses(self, feats: GradFeatures, candidates: GradFeatures, rows: torch.Tensor) -> torch.Tensor:
+        """The loss of row rows[j]'s group after that row is replaced with candidate j, for every j."""
+        size = len(feats) // self.n_groups
+        losses = torch.empty(len(rows), dtype=feats.a.dtype, device=feats.a.device)
+        for g, objective in enumerate(self.objectives):
+            mine = (rows // size == g).nonzero().squeeze(-1)
+            if len(mine):
+                block = feats.select(slice(g * size, (g + 1) * size))
+                losses[mine] = replacement_distances(block, candidates.select(mine), rows[mine] - g * size, objective)
+        return losses
 
     def distance_gradient(self, lm: LM, text_tokens: torch.Tensor) -> torch.Tensor:
         """d(matching loss)/d(input embedding) at each text position: B x L x d (one backward)."""
@@ -137,8 +167,7 @@ class MatchingContext:
             prompt = lm.input_embeddings[torch.tensor(self.prompt_ids, device=emb.device)]
             inputs = torch.cat([emb, prompt.expand(emb.shape[0], -1, -1)], dim=1)
             hidden = lm.last_hidden(inputs_embeds=inputs)
-            labels = torch.full((emb.shape[0],), self.label, device=emb.device)
-            loss = self.objective(self.head.features(hidden, labels))
+            loss = self.group_losses(self.head.features(hidden, self.row_labels(len(emb), emb.device))).sum()
             (grad,) = torch.autograd.grad(loss, emb)
         return grad
 
@@ -152,6 +181,7 @@ class _MatchingScorer:
     def __init__(self, lm: LM, ctx: MatchingContext, tokens: torch.Tensor):
         self.lm, self.ctx = lm, ctx
         self.prompt = torch.tensor(ctx.prompt_ids, device=tokens.device)
+        self.labels = ctx.row_labels(len(tokens), tokens.device)
         self.feats, self.kv = self.run(tokens, torch.arange(tokens.shape[0], device=tokens.device), 0)
 
     def run(self, tokens: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[GradFeatures, list]:
@@ -164,7 +194,7 @@ class _MatchingScorer:
         ids = torch.cat([tokens[:, t:], self.prompt.expand(len(tokens), -1)], dim=1)
         with self.lm.autocast():
             hidden = self.lm.decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[:, -1]
-        labels = torch.full((len(tokens),), self.ctx.label, device=tokens.device)
+        labels = self.labels[rows]
         return self.ctx.head.features(hidden, labels), [(layer.keys, layer.values) for layer in cache.layers]
 
     def accept(self, rows: torch.Tensor, feats: GradFeatures, kv: list, picks: torch.Tensor) -> None:
@@ -203,6 +233,7 @@ def project_matching_lm(
     scorer = _MatchingScorer(lm, ctx, chosen) if incremental else None
     feats = scorer.feats if incremental else ctx.features(lm, chosen)
     row_ids = torch.arange(n_rows, device=current.device)
+    group_size = n_rows // ctx.n_groups
 
     def choose(t: int, logprobs: torch.Tensor) -> torch.Tensor:
         nonlocal feats
@@ -220,7 +251,7 @@ def project_matching_lm(
         cand = ranking.topk(exact_candidates, dim=-1).indices  # B x J
         keep = cand == chosen[:, t : t + 1]
         valid = candidates_mask.gather(-1, cand) | keep
-        base = ctx.objective(feats)
+        base = ctx.group_losses(feats)[row_ids // group_size, None]  # B x 1: each row's group loss
         if incremental:
             rows, slots = (valid & ~keep).nonzero(as_tuple=True)
             dist = base.expand(n_rows, exact_candidates).clone()
@@ -228,13 +259,13 @@ def project_matching_lm(
                 trial = chosen[rows]
                 trial[:, t] = cand[rows, slots]
                 trial_feats, trial_kv = scorer.run(trial, rows, t)
-                dist[rows, slots] = replacement_distances(feats, trial_feats, rows, ctx.objective)
+                dist[rows, slots] = ctx.replacement_losses(feats, trial_feats, rows)
         else:
             trial = chosen.repeat_interleave(exact_candidates, dim=0)
             trial[:, t] = cand.reshape(-1)
-            trial_feats = ctx.features(lm, trial)
+            trial_feats = ctx.features(lm, trial)  # row-major copies keep every group's rows together
             rows = row_ids.repeat_interleave(exact_candidates)
-            dist = replacement_distances(feats, trial_feats, rows, ctx.objective).view(n_rows, -1)
+            dist = ctx.replacement_losses(feats, trial_feats, rows).view(n_rows, -1)
         score = logprobs.gather(-1, cand) - match_weight * (dist - base)
         best = score.masked_fill(~valid, -float("inf")).argmax(dim=-1)
         if incremental:
