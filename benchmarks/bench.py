@@ -9,7 +9,8 @@ size and length it times the inner ADMM step against one plain forward+backward 
 (its floor), and the projections against one forward of the batch: topk_lm (KV-cached decode),
 topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default)
 and, where affordable, matching_lm scoring every candidate with a full forward. It also estimates the
-default job's generation seconds per synthetic example from its first outer steps. Writes
+default job's generation seconds per synthetic example from its first outer steps, and the seconds per
+round of an outer step with several rounds in one batch (generation.rounds_per_batch). Writes
 outputs/bench/bench.json (one record per configuration) and prints a table.
 """
 
@@ -39,9 +40,9 @@ from gradmm.projection import MatchingContext, allowed_vocabulary, project_match
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
-        "e2e_outer_steps": 1, "overrides": ["tracker=disabled"]}
+        "e2e_outer_steps": 1, "rounds_per_batch": (1, 4), "overrides": ["tracker=disabled"]}
 SMOKE = {"batch_sizes": (2, 4), "seq_lens": (4, 8), "repeats": 1, "plain_matching_max_tokens": 10**9,
-         "e2e_outer_steps": 1,
+         "e2e_outer_steps": 1, "rounds_per_batch": (1, 2),
          "overrides": ["model=tiny", "tracker=disabled", "generation.n_real=8", "admm.inner_steps=2",
                        "admm.outer_steps=2", "projector.topk=20", "projector.lm_topk=20",
                        "projector.exact_candidates=2"]}
@@ -232,6 +233,35 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
     }
 
 
+def bench_batching(lm: LM, cfg: DictConfig, setup, head, targets, allowed, rounds_per_batch: int) -> dict:
+    """One outer step of `rounds_per_batch` rounds side by side (classes alternating), in seconds per
+    round: against rounds_per_batch=1, the gain from batching rounds (generation.rounds_per_batch)."""
+    device, n_classes = lm.device, len(targets)
+    labels = [g % n_classes for g in range(rounds_per_batch)]
+    ctx = MatchingContext(head, [class_objective(cfg, targets, k) for k in labels], labels,
+                          setup.verbalizer.prompt_ids)
+    short = cfg.copy()
+    with open_dict(short):
+        short.admm.outer_steps = 1
+        short.generation.checkpoint_every = 2
+    reset_peak_memory(device)
+    generators = [torch.Generator().manual_seed(g) for g in range(rounds_per_batch)]
+    state = start_round(lm, short, ctx, allowed, setup.prefix_ids, generators)
+    run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
+    step_s = state.records[-1]["seconds"]
+    return {
+        "kind": "batching",
+        "model": cfg.model.name,
+        "device": str(device),
+        "batch_size": cfg.generation.batch_size,
+        "seq_len": cfg.generation.seq_len,
+        "rounds_per_batch": rounds_per_batch,
+        "outer_step_s": step_s,
+        "outer_step_s_per_round": step_s / rounds_per_batch,
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
 def print_table(records: list[dict]) -> None:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -250,6 +280,12 @@ def print_table(records: list[dict]) -> None:
               f"{r['outer_steps']}x{r['inner_steps']} steps, {r['projector']}): "
               f"{r['s_per_synthetic_example']:.2f} s per synthetic example "
               f"(from {r['measured_outer_steps']} measured outer step(s) per class; generation only)")
+    batching = [r for r in records if r["kind"] == "batching"]
+    for r in batching:
+        print(f"rounds_per_batch={r['rounds_per_batch']} (B={r['batch_size']}, L={r['seq_len']}): "
+              f"{r['outer_step_s']:.2f} s per outer step, {r['outer_step_s_per_round']:.2f} s per round, "
+              f"{batching[0]['outer_step_s_per_round'] / r['outer_step_s_per_round']:.2f}x "
+              f"rounds_per_batch={batching[0]['rounds_per_batch']}'s throughput")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -286,6 +322,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seq_len in args.seq_lens or mode["seq_lens"]:
             records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))
             print(f"  measured B={batch_size} L={seq_len}", file=sys.stderr, flush=True)
+    for rounds_per_batch in mode["rounds_per_batch"]:
+        records.append(bench_batching(lm, cfg, setup, head, targets, allowed, rounds_per_batch))
+        print(f"  measured rounds_per_batch={rounds_per_batch}", file=sys.stderr, flush=True)
     info = {**started_info, "load_average_1min_end": os.getloadavg()[0],
             "mode": "smoke" if args.smoke else "full", "overrides": mode["overrides"] + args.overrides,
             "projector_config": OmegaConf.to_container(cfg.projector)}

@@ -35,5 +35,8 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
         assert r["machine"]["torch"] and r["machine"]["transformers"]
     (e2e,) = [r for r in records if r["kind"] == "end_to_end"]
     assert e2e["s_per_synthetic_example"] > 0 and e2e["n_synthetic"] == 2 * e2e["batch_size"]
+    batching = [r for r in records if r["kind"] == "batching"]
+    assert [r["rounds_per_batch"] for r in batching] == [1, 2]
+    assert all(r["outer_step_s_per_round"] == r["outer_step_s"] / r["rounds_per_batch"] for r in batching)
     table = capsys.readouterr().out
-    assert "s per synthetic example" in table and str(out) in table
+    assert "s per synthetic example" in table and "rounds_per_batch=2" in table and str(out) in table

@@ -287,8 +287,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 # Objective metrics (summary.json keys) and the stage that writes each.
-OBJECTIVES = {"grad_distance_set": "generate", "grad_distance_mean": "generate", "log_ppl_mean": "generate",
-              "accuracy": "evaluate"}
+OBJECTIVES = {"grad_distance_set": "generate", "grad_distance_union": "generate", "grad_distance_mean": "generate",
+              "log_ppl_mean": "generate", "accuracy": "evaluate"}
 DIRECTIONS = ("minimize", "maximize")
 
 

@@ -35,6 +35,7 @@ IGNORED_PREFIXES = ("paths.", "tracker.", "validate_only", "resume", "cache_targ
 # Final figures: (summary.json key, column title, better when lower).
 FIGURES = (
     ("grad_distance_set", "grad distance (set)", True),
+    ("grad_distance_union", "grad distance (union)", True),
     ("grad_distance_mean", "grad distance (mean)", True),
     ("log_ppl_mean", "log-perplexity", True),
     ("accuracy", "accuracy", False),
