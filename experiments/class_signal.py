@@ -14,6 +14,10 @@ examples nor the evaluation's dev split; the evaluation split is not read):
 - hidden-state centroid: nearest class mean of the final hidden states the gradients are built from;
 - zero-shot: the model's own label-word classifier, calibrated the same way (the filter's classifier).
 
+It also reports the held-out rows' own distances to the targets (per class and for the class-balanced
+union): what real data that the targets did not see reaches, next to which a synthetic set's figures
+in summary.json can be read.
+
 Near 1/n_classes for the target probe means the matching objective is nearly blind to the classes on
 this model, whatever generation achieves on it. Prints one JSON object.
 """
@@ -29,7 +33,7 @@ from hydra import compose, initialize_config_dir
 
 from gradmm.config import register_configs, validate
 from gradmm.finetune import Classifier, make_splits
-from gradmm.gradients import OutputLayer, class_targets, text_features
+from gradmm.gradients import OutputLayer, balanced_union_distance, class_targets, set_distance, text_features
 from gradmm.models import load_lm
 from gradmm.pipeline import prepare
 from gradmm.tasks import load_split, stratified_sample
@@ -65,7 +69,8 @@ def main(overrides: list[str]) -> dict:
     real_labels = [ex.label for ex in setup.real]
     real = text_features(lm, head, encode(setup.real), real_labels)
     targets = class_targets(real, real_labels, n_classes)
-    hidden = text_features(lm, head, encode(held_out), [0] * len(held_out)).h
+    held_out_feats = text_features(lm, head, encode(held_out), labels.tolist())
+    hidden = held_out_feats.h
 
     probe = []
     for k, target in enumerate(targets):
@@ -83,6 +88,9 @@ def main(overrides: list[str]) -> dict:
         "target_probe": accuracy(torch.stack(probe, 1), labels),
         "hidden_centroid": accuracy(-torch.cdist(hidden, centroids), labels),
         "zero_shot": accuracy(zero_shot.to(labels.device), labels),
+        "held_out_grad_distance_set": sum(set_distance(held_out_feats.select(labels == k), t).item()
+                                          for k, t in enumerate(targets)) / n_classes,
+        "held_out_grad_distance_union": balanced_union_distance(held_out_feats, labels, targets).item(),
         "cos_between_class_targets": [[torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0).item()
                                        for b in targets] for a in targets],
         "target_norms": [t.norm().item() for t in targets],

@@ -21,6 +21,7 @@ def test_class_signal_scores_every_probe_on_held_out_rows(class_signal, monkeypa
     assert result["n_real"] == 8 and result["n_held_out"] == 20
     for probe in ("target_probe", "hidden_centroid", "zero_shot"):
         assert all(0 <= result[probe][kind] <= 1 for kind in ("raw", "calibrated")), probe
+    assert 0 <= result["held_out_grad_distance_set"] <= 2 and 0 <= result["held_out_grad_distance_union"] <= 2
     assert len(result["target_norms"]) == 2 and abs(result["cos_between_class_targets"][0][0] - 1) < 1e-5
 
 
