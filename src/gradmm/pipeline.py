@@ -216,15 +216,17 @@ def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: 
     rounds_dir = out_dir / "rounds"
     rounds_dir.mkdir(exist_ok=True)
     jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
-    # A fixed partition of every round, so a resumed job finds its batch checkpoints under the same names.
-    batches = [jobs[i : i + gen.rounds_per_batch] for i in range(0, len(jobs), gen.rounds_per_batch)]
-    pending = [batch for batch in batches if any(_load_round(rounds_dir, *job) is None for job in batch)]
+    unfinished = [job for job in jobs if _load_round(rounds_dir, *job) is None]
+    # A batch finishes all its rounds at once, so a re-run that finds the same unfinished rounds makes the
+    # same batches and finds their checkpoints under the same names.
+    pending = [unfinished[i : i + gen.rounds_per_batch] for i in range(0, len(unfinished), gen.rounds_per_batch)]
     if procs.is_main_process:
-        # Checkpoints that a killed job was writing when it died, and those of another batching.
+        # Checkpoints that a killed job was writing when it died, and those of batches made otherwise
+        # (another rounds_per_batch, or a job killed while it saved a batch's rounds).
         current = {_checkpoint_path(rounds_dir, batch) for batch in pending}
         for orphan in [*rounds_dir.glob(".*.tmp"), *(p for p in rounds_dir.glob("*.state.pt") if p not in current)]:
             orphan.unlink()
-        _rewrite_metrics(tracker, rounds_dir, batches)
+        _rewrite_metrics(tracker, rounds_dir, jobs, pending)
     # Every process lists the unfinished batches before any process saves one: all split the same list.
     procs.wait_for_everyone()
     with procs.split_between_processes(pending) as mine:
@@ -234,7 +236,7 @@ def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: 
     if not procs.is_main_process:
         return [], []
     done = {job: _load_round(rounds_dir, *job) for job in jobs}
-    _rewrite_metrics(tracker, rounds_dir, batches)
+    _rewrite_metrics(tracker, rounds_dir, jobs, [])
     rows = [row for job in jobs for row in done[job]["rows"]]
     failed = [{"class": job[0], "round": job[1], "error": done[job]["failed"]}
               for job in jobs if done[job].get("failed")]
@@ -274,20 +276,19 @@ def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: R
     artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": state})
 
 
-def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, batches) -> None:
-    """metrics.jsonl holds exactly the outer steps that survive in saved rounds and checkpoints, in job
-    order: steps recomputed after a resume, or by another process, are logged once."""
-    records = []
-    for batch in batches:
-        saved = [_load_round(rounds_dir, k, r) for k, r in batch]
-        if all(saved):
-            records += [{"class": k, "round": r, **rec} for (k, r), round_ in zip(batch, saved, strict=True)
-                        for rec in round_["records"]]
-            continue
+def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, pending) -> None:
+    """metrics.jsonl holds exactly the outer steps that survive in saved rounds and in the checkpoints
+    of the `pending` batches, in job order: steps recomputed after a resume, or by another process, are
+    logged once."""
+    in_progress = {}
+    for batch in pending:
         state = _load_checkpoint(_checkpoint_path(rounds_dir, batch))["state"]
-        for g, (k, r) in enumerate(batch):
-            records += [{"class": k, "round": r, **_without_group(rec)}
-                        for rec in (state.records if state is not None else []) if rec["group"] == g]
+        for g, job in enumerate(batch):
+            in_progress[job] = [_without_group(rec) for rec in (state.records if state else []) if rec["group"] == g]
+    records = []
+    for k, r in jobs:
+        saved = _load_round(rounds_dir, k, r)
+        records += [{"class": k, "round": r, **rec} for rec in (saved["records"] if saved else in_progress[k, r])]
     artifacts.write_jsonl(tracker.metrics_path, records)
 
 
