@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -34,6 +35,15 @@ TINY = [
     "projector.lm_topk=20",
     "projector.exact_candidates=2",
 ]
+
+
+def load_script(relative_path: str):
+    """A script of benchmarks/ or experiments/ as a module (they are not part of the package)."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(overrides: list[str] = ()) -> DictConfig:

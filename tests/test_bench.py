@@ -1,10 +1,9 @@
 """The benchmark's smoke mode (tiny model): it runs, writes its records, and its fast paths agree with
 the plain ones. No timing is asserted: the figures depend on the machine and its load."""
 
-import importlib.util
 import json
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, load_script
 
 REQUIRED = {
     "model", "device", "batch_size", "seq_len", "inner_step_s", "fwd_bwd_s", "inner_step_over_fwd_bwd",
@@ -12,15 +11,8 @@ REQUIRED = {
 }
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
-    bench = _bench_module()
+    bench = load_script("benchmarks/bench.py")
     out = tmp_path / "bench.json"
     bench.main([f"paths.data_dir={DATA_DIR}", "--smoke", "--out", str(out), "--batch-sizes", "2", "3",
                 "--seq-lens", "4"])

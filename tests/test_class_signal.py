@@ -1,18 +1,13 @@
 """experiments/class_signal.py on the tiny model: every probe is scored on held-out training rows."""
 
-import importlib.util
-
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import TINY, load_script
 
 
 @pytest.fixture
 def class_signal():
-    spec = importlib.util.spec_from_file_location("class_signal", REPO / "experiments" / "class_signal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/class_signal.py")
 
 
 def test_class_signal_scores_every_probe_on_held_out_rows(class_signal, monkeypatch):

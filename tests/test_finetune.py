@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, compose_config, load_script
 
 from gradmm import finetune
 from gradmm.config import ConfigError, validate
@@ -207,11 +207,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path, monkeypatch):
 
 
 def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reproduce_cpu", REPO / "experiments" / "reproduce_cpu.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
+    reproduce = load_script("experiments/reproduce_cpu.py")
     kept = [o for o in (*TINY, *EVAL) if not o.startswith(("stages=", "evaluate.seeds=", "evaluate.lrs="))]
     small = [*kept, "evaluate.seeds=[0]", "evaluate.lrs=[1e-3]", "generation.rounds=2",
              "filter.n_per_class=3", "filter.classifier=none", f"paths.output_root={tmp_path}"]
