@@ -122,7 +122,8 @@ class Objective:
     percent of error in either class swamps the mix). With union_weight > 0 the loss adds
     union_weight x distance(G + O, T + O), where O is the sum of the other classes' targets: the
     balanced union of all classes against its target, the other classes counted at their targets, so
-    each class's set can still be optimised on its own.
+    each class's set can still be optimised on its own. On SmolLM2 / SST-2 that term trained worse
+    models (README, the CPU comparison), so the configs leave it off.
     """
 
     target: torch.Tensor
@@ -133,6 +134,11 @@ class Objective:
     def __post_init__(self):
         if self.union_weight and self.others is None:
             raise ValueError("an Objective with union_weight > 0 needs the other classes' targets (others).")
+        # T + O and the constants of the union term, once: with full_vocab they are vocab x hidden.
+        if self.union_weight:
+            self._union = self.target + self.others
+            self._others_dot_union = (self.others * self._union).sum()
+            self._others_sq = (self.others * self.others).sum()
 
     def row_inners(self, feats: GradFeatures) -> torch.Tensor:
         """N x M: each row's <a_b h_b^T, X> for X = T (and O when the union term is on)."""
@@ -144,16 +150,17 @@ class Objective:
         update those sums instead of recomputing them."""
         loss = distance_from_sums(inner[..., 0], g2, self.target, self.distance)
         if self.union_weight:
-            union = self.target + self.others
-            union_inner = inner[..., 0] + inner[..., 1] + (self.others * union).sum()
-            union_g2 = g2 + 2 * inner[..., 1] + (self.others * self.others).sum()
-            loss = loss + self.union_weight * distance_from_sums(union_inner, union_g2, union, self.distance)
+            union_inner = inner[..., 0] + inner[..., 1] + self._others_dot_union
+            union_g2 = g2 + 2 * inner[..., 1] + self._others_sq
+            loss = loss + self.union_weight * distance_from_sums(union_inner, union_g2, self._union, self.distance)
         return loss
 
     def __call__(self, feats: GradFeatures) -> torch.Tensor:
         return self.from_sums(self.row_inners(feats).mean(0), sq_norm(feats))
 
     def to(self, dtype: torch.dtype) -> Objective:
+        if self.target.dtype == dtype:
+            return self
         others = None if self.others is None else self.others.to(dtype)
         return Objective(self.target.to(dtype), self.distance, others, self.union_weight)
 
