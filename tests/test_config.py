@@ -69,6 +69,7 @@ BAD = [
     ("generation.n_real=1", "generation.n_real"),
     ("generation.n_real=0", "generation.n_real"),
     ("generation.rounds=0", "generation.rounds"),
+    ("generation.rounds_per_batch=0", "generation.rounds_per_batch"),
     ("generation.batch_size=0", "generation.batch_size"),
     ("generation.seq_len=0", "generation.seq_len"),
     ("generation.init=real", "generation.init"),
