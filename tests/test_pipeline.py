@@ -20,6 +20,7 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
     assert len(metrics) == (outer_steps + 1) * n_classes  # step 0 is the initialisation
     assert {"class", "round", "outer_step", "grad_distance_x", "grad_distance_z", "log_ppl_z",
             "primal_residual", "seconds"} <= metrics[0].keys()
+    assert all(m["projection_seconds"] < m["seconds"] for m in metrics if m["outer_step"] > 0)
     summary = json.loads((out / "summary.json").read_text())
     for key in ("n_synthetic", "grad_distance_mean", "grad_distance_set", "log_ppl_mean", "seconds"):
         assert key in summary

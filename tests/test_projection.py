@@ -1,5 +1,6 @@
 """Projectors against brute force, and the allowed vocabulary."""
 
+import pytest
 import torch
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient
@@ -27,8 +28,10 @@ def _brute_force_topk_lm(lm, points, allowed, topk):
     return tokens
 
 
-def test_topk_lm_equals_brute_force(tiny_lm_factory):
-    lm = tiny_lm_factory(dtype="float64")
+@pytest.mark.parametrize("tied", [True, False])
+def test_topk_lm_equals_brute_force(tiny_lm_factory, tied):
+    """The decode scores only the k candidates' logits; brute force takes the whole vocabulary's."""
+    lm = tiny_lm_factory(tied=tied, dtype="float64")
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     points = torch.randn(3, 6, lm.input_embeddings.shape[1], dtype=torch.float64)
     fast = project_topk_lm(lm, points, allowed, 50, PREFIX)

@@ -223,7 +223,11 @@ def run_round(
                 if not torch.isfinite(x).all():
                     raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
                 grad_distance_x = matching_loss_continuous(lm, ctx, x).tolist()
+                projection_started = time.perf_counter()
                 z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
+                if z.is_cuda:  # kernels run asynchronously: without this the time is the launch's
+                    torch.cuda.synchronize(z.device)
+                projection_s = time.perf_counter() - projection_started
                 z_emb = emb[z].float()
                 u += x - z_emb
                 grad_distance_z = ctx.group_losses(ctx.features(lm, z)).tolist()
@@ -244,6 +248,7 @@ def run_round(
                     "log_ppl_z": log_ppl_z[g],
                     "primal_residual": primal_residual[g],
                     "seconds": seconds,
+                    "projection_seconds": projection_s,
                 })
             state.records.extend(records)
             # Copies: Adam updates its moment tensors in place, and x, u, z move on.

@@ -95,6 +95,12 @@ class LM:
     def output_bias(self) -> torch.Tensor | None:
         return getattr(self.model.get_output_embeddings(), "bias", None)
 
+    def next_token_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 log-probabilities over the vocabulary from final hidden states (... x d)."""
+        with self.autocast():
+            logits = self.model.get_output_embeddings()(hidden)
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def last_hidden(self, *, input_ids=None, inputs_embeds=None, lengths=None) -> torch.Tensor:
         """Final hidden state at each row's last real position (rows are right-padded)."""
         ref = input_ids if input_ids is not None else inputs_embeds
