@@ -6,7 +6,8 @@
 
 Any argument of the form key=value is a Hydra override of the job config (conf/config.yaml). Per batch
 size and length it times the inner ADMM step against one plain forward+backward to the input embeddings
-(its floor), and the projections against one forward of the batch: topk_lm (KV-cached decode),
+(its floor), and the projections against one forward of the batch and against L single-token steps of
+the batch through the KV cache (the floor of any left-to-right decode): topk_lm (KV-cached decode),
 topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default)
 and, where affordable, matching_lm scoring every candidate with a full forward. It also estimates the
 default job's generation seconds per synthetic example from its first outer steps, and the seconds per
@@ -36,7 +37,13 @@ from gradmm.config import register_configs, validate
 from gradmm.gradients import OutputLayer
 from gradmm.models import LM, load_lm
 from gradmm.pipeline import class_objective, compute_targets, prepare
-from gradmm.projection import MatchingContext, allowed_vocabulary, project_matching_lm, project_topk_lm
+from gradmm.projection import (
+    MatchingContext,
+    allowed_vocabulary,
+    decode,
+    project_matching_lm,
+    project_topk_lm,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
@@ -130,8 +137,13 @@ def bench_shape(
         leaf = inputs.detach().requires_grad_(True)
         lm.last_hidden(inputs_embeds=leaf).float().sum().backward()
 
+    def decode_steps():
+        """Any left-to-right decode's floor: L single-token steps through the KV cache, no rule."""
+        decode(lm, prefix_ids, batch_size, seq_len, lambda t, hidden: z[:, t])
+
     forward_s = timed(forward, device, repeats)
     fwd_bwd_s = timed(forward_backward, device, repeats)
+    decode_steps_s = timed(decode_steps, device, repeats)
 
     points = x.detach() + u
     matching = dict(topk=proj.topk, lm_topk=proj.lm_topk, exact_candidates=proj.exact_candidates,
@@ -180,6 +192,9 @@ def bench_shape(
         "projection_over_forward": matching_s / forward_s,
         "topk_lm_projection_s": topk_s,
         "topk_lm_over_forward": topk_s / forward_s,
+        "decode_steps_s": decode_steps_s,
+        "decode_steps_over_forward": decode_steps_s / forward_s,
+        "topk_lm_over_decode_steps": topk_s / decode_steps_s,
         "naive_projection_s": naive_s,
         "naive_projection_over_forward": naive_s / forward_s,
         "naive_same_tokens": bool(torch.equal(results["naive"], results["topk_lm"])),
@@ -266,11 +281,13 @@ def print_table(records: list[dict]) -> None:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    print(f"{'B':>4}{'L':>5}{'inner s':>9}{'fwd+bwd':>9}{'ratio':>7}{'fwd s':>8}{'topk_lm':>9}{'x fwd':>7}"
+    print(f"{'B':>4}{'L':>5}{'inner s':>9}{'fwd+bwd':>9}{'ratio':>7}{'fwd s':>8}{'L steps':>9}{'x fwd':>7}"
+          f"{'topk_lm':>9}{'x fwd':>7}"
           f"{'naive':>9}{'x fwd':>7}{'matching':>10}{'x fwd':>7}{'plain':>9}{'peak MB':>9}")
     for r in (r for r in records if r["kind"] == "shape"):
         print(f"{r['batch_size']:>4}{r['seq_len']:>5}{r['inner_step_s']:>9.3f}{r['fwd_bwd_s']:>9.3f}"
-              f"{r['inner_step_over_fwd_bwd']:>7.2f}{r['forward_s']:>8.3f}{r['topk_lm_projection_s']:>9.3f}"
+              f"{r['inner_step_over_fwd_bwd']:>7.2f}{r['forward_s']:>8.3f}{r['decode_steps_s']:>9.3f}"
+              f"{r['decode_steps_over_forward']:>7.1f}{r['topk_lm_projection_s']:>9.3f}"
               f"{r['topk_lm_over_forward']:>7.1f}{r['naive_projection_s']:>9.3f}"
               f"{r['naive_projection_over_forward']:>7.1f}{r['projection_s']:>10.3f}"
               f"{r['projection_over_forward']:>7.1f}{num(r['matching_plain_projection_s'], '9.3f'):>9}"

@@ -7,7 +7,8 @@ from conftest import DATA_DIR, load_script
 
 REQUIRED = {
     "model", "device", "batch_size", "seq_len", "inner_step_s", "fwd_bwd_s", "inner_step_over_fwd_bwd",
-    "projection_s", "forward_s", "projection_over_forward", "naive_projection_s", "peak_mem_mb", "machine",
+    "projection_s", "forward_s", "projection_over_forward", "naive_projection_s", "decode_steps_s", "peak_mem_mb",
+    "machine",
 }
 
 
