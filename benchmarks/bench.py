@@ -11,7 +11,9 @@ the batch through the KV cache (the floor of any left-to-right decode): topk_lm 
 topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default)
 and, where affordable, matching_lm scoring every candidate with a full forward. It also estimates the
 default job's generation seconds per synthetic example from its first outer steps, and the seconds per
-round of an outer step with several rounds in one batch (generation.rounds_per_batch). Writes
+round of an outer step with several rounds in one batch (generation.rounds_per_batch), and, when the job
+runs in anything but plain float32 (model.dtype, model.autocast, model.compile), how far its gradient
+distances are from float32's on the same sequences (the target: within 1e-2). Writes
 outputs/bench/bench.json (one record per configuration) and prints a table.
 """
 
@@ -277,6 +279,52 @@ def bench_batching(lm: LM, cfg: DictConfig, setup, head, targets, allowed, round
     }
 
 
+PRECISION_TOLERANCE = 1e-2  # the issue's bound on the gradient distance's change from float32
+
+
+def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> dict | None:
+    """The job's speed options (model.dtype, autocast, compile) against float32, on the same sequences:
+    each model matches them against its own class targets, as a run under those options would. None
+    when the job already runs in plain float32."""
+    if lm.dtype == torch.float32 and lm.autocast_dtype is None and not cfg.model.compile:
+        return None
+    reference_cfg = cfg.copy()
+    with open_dict(reference_cfg):
+        reference_cfg.model.dtype, reference_cfg.model.autocast, reference_cfg.model.compile = "float32", None, False
+    reference = load_lm(reference_cfg.model, cfg.paths.cache_dir)
+    reference_head = OutputLayer.build(reference.output_weight, reference.output_bias,
+                                       setup.verbalizer.label_token_ids, cfg.matching.loss)
+    reference_targets, _ = compute_targets(reference_cfg, setup, reference, reference_head)
+    gen, allowed_ids = cfg.generation, allowed.nonzero().squeeze(-1)
+    diffs = []
+    for k in range(len(targets)):
+        ctx = MatchingContext(head, [class_objective(cfg, targets, k)], [k], setup.verbalizer.prompt_ids)
+        reference_ctx = MatchingContext(reference_head, [class_objective(cfg, reference_targets, k)], [k],
+                                        setup.verbalizer.prompt_ids)
+        sampled = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, [torch.Generator().manual_seed(k)]).z
+        random = allowed_ids[torch.randint(len(allowed_ids), sampled.shape, generator=torch.Generator().manual_seed(k))]
+        for tokens in (sampled, random.to(sampled.device)):
+            with torch.no_grad():
+                distance = ctx.group_losses(ctx.features(lm, tokens)).item()
+                reference_distance = reference_ctx.group_losses(reference_ctx.features(reference, tokens)).item()
+            diffs.append((distance, reference_distance))
+    worst = max(abs(d - r) for d, r in diffs)
+    return {
+        "kind": "precision",
+        "model": cfg.model.name,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "autocast": None if lm.autocast_dtype is None else str(lm.autocast_dtype).removeprefix("torch."),
+        "compile": bool(cfg.model.compile),
+        "batch_size": gen.batch_size,
+        "seq_len": gen.seq_len,
+        "grad_distances": [d for d, _ in diffs],
+        "float32_grad_distances": [r for _, r in diffs],
+        "max_abs_diff": worst,
+        "within_tolerance": worst <= PRECISION_TOLERANCE,
+    }
+
+
 def print_table(records: list[dict]) -> None:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -303,6 +351,11 @@ def print_table(records: list[dict]) -> None:
               f"{r['outer_step_s']:.2f} s per outer step, {r['outer_step_s_per_round']:.2f} s per round, "
               f"{batching[0]['outer_step_s_per_round'] / r['outer_step_s_per_round']:.2f}x "
               f"rounds_per_batch={batching[0]['rounds_per_batch']}'s throughput")
+    for r in (r for r in records if r["kind"] == "precision"):
+        print(f"precision (dtype {r['dtype']}, autocast {r['autocast']}, compile {r['compile']}) against float32: "
+              f"gradient distance differs by at most {r['max_abs_diff']:.2e} over {len(r['grad_distances'])} "
+              f"sets of sampled and random sequences ({'within' if r['within_tolerance'] else 'OUTSIDE'} "
+              f"{PRECISION_TOLERANCE})")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -342,6 +395,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for rounds_per_batch in mode["rounds_per_batch"]:
         records.append(bench_batching(lm, cfg, setup, head, targets, allowed, rounds_per_batch))
         print(f"  measured rounds_per_batch={rounds_per_batch}", file=sys.stderr, flush=True)
+    precision = bench_precision(lm, cfg, setup, head, targets, allowed)
+    if precision is not None:
+        records.append(precision)
     info = {**started_info, "load_average_1min_end": os.getloadavg()[0],
             "mode": "smoke" if args.smoke else "full", "overrides": mode["overrides"] + args.overrides,
             "projector_config": OmegaConf.to_container(cfg.projector)}

@@ -33,3 +33,17 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     assert all(r["outer_step_s_per_round"] == r["outer_step_s"] / r["rounds_per_batch"] for r in batching)
     table = capsys.readouterr().out
     assert "s per synthetic example" in table and "rounds_per_batch=2" in table and str(out) in table
+
+
+def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_path, capsys):
+    """bfloat16 weights (on a GPU: autocast or compile) get a precision record; plain float32 gets none."""
+    bench = load_script("benchmarks/bench.py")
+    out = tmp_path / "bench.json"
+    bench.main([f"paths.data_dir={DATA_DIR}", "model.dtype=bfloat16", "--smoke", "--out", str(out),
+                "--batch-sizes", "2", "--seq-lens", "4"])
+    (precision,) = [r for r in json.loads(out.read_text()) if r["kind"] == "precision"]
+    assert precision["dtype"] == "bfloat16" and len(precision["grad_distances"]) == 4  # 2 classes x 2 sets
+    diffs = [abs(d - r) for d, r in zip(precision["grad_distances"], precision["float32_grad_distances"], strict=True)]
+    assert precision["max_abs_diff"] == max(diffs) > 0  # bfloat16 really ran: float32 would match exactly
+    assert precision["within_tolerance"] == (precision["max_abs_diff"] <= 1e-2)
+    assert "against float32" in capsys.readouterr().out
