@@ -50,11 +50,14 @@ class OutputLayer:
         raise ValueError(f"matching.loss={loss!r} is not one of label_words, full_vocab.")
 
     def features(self, hidden: torch.Tensor, labels: torch.Tensor) -> GradFeatures:
+        # Float32 at least, whatever the model runs in: kept in bf16, the features of SmolLM2 put its
+        # gradient distances up to 6e-3 from float32's (benchmarks/bench.py), as large as the gains.
+        hidden = _at_least_fp32(hidden)
         logits = hidden @ self.weight.T.to(hidden.dtype)
         if self.bias is not None:
             logits = logits + self.bias.to(hidden.dtype)
             hidden = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)
-        a = torch.softmax(_at_least_fp32(logits), dim=-1).to(hidden.dtype)
+        a = torch.softmax(logits, dim=-1)
         a = a - torch.nn.functional.one_hot(self.label_rows[labels], a.shape[1]).to(a.dtype)
         return GradFeatures(a, hidden)
 
