@@ -26,6 +26,7 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
         assert r["projection_over_forward"] == r["projection_s"] / r["forward_s"]
         assert r["naive_same_tokens"] and r["matching_plain_same_tokens"]
         assert r["machine"]["torch"] and r["machine"]["transformers"]
+    assert not [r for r in records if r["kind"] == "precision"]  # plain float32: nothing to compare
     (e2e,) = [r for r in records if r["kind"] == "end_to_end"]
     assert e2e["s_per_synthetic_example"] > 0 and e2e["n_synthetic"] == 2 * e2e["batch_size"]
     batching = [r for r in records if r["kind"] == "batching"]
@@ -36,7 +37,8 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
 
 
 def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_path, capsys):
-    """bfloat16 weights (on a GPU: autocast or compile) get a precision record; plain float32 gets none."""
+    """bfloat16 weights (on a GPU also autocast or compile) are compared with float32, and stay within the
+    issue's 1e-2 of its gradient distances."""
     bench = load_script("benchmarks/bench.py")
     out = tmp_path / "bench.json"
     bench.main([f"paths.data_dir={DATA_DIR}", "model.dtype=bfloat16", "--smoke", "--out", str(out),
@@ -45,5 +47,6 @@ def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_pa
     assert precision["dtype"] == "bfloat16" and len(precision["grad_distances"]) == 4  # 2 classes x 2 sets
     diffs = [abs(d - r) for d, r in zip(precision["grad_distances"], precision["float32_grad_distances"], strict=True)]
     assert precision["max_abs_diff"] == max(diffs) > 0  # bfloat16 really ran: float32 would match exactly
-    assert precision["within_tolerance"] == (precision["max_abs_diff"] <= 1e-2)
+    # Features kept in bfloat16 put this 1.1e-2 off; promoted to float32 it is 2.5e-4.
+    assert precision["within_tolerance"] and precision["max_abs_diff"] <= 1e-2
     assert "against float32" in capsys.readouterr().out
