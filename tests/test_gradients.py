@@ -90,6 +90,18 @@ def test_task_loss_gradient_is_the_feature_outer_product(tiny_lm_factory):
     assert _close(mean_gradient(head.features(hidden, labels)), grad)
 
 
+@pytest.mark.parametrize("loss", ["label_words", "full_vocab"])
+def test_features_of_a_bfloat16_model_are_computed_in_float32(loss):
+    """Only the model's own rounding remains: the features of bf16 weights and hidden states are those of
+    the same values upcast to float32 (rounded back to bf16 they lost 6.5e-3 of SmolLM2's distance)."""
+    weight, bias = torch.randn(40, 8).bfloat16(), torch.randn(40).bfloat16()
+    hidden, labels = torch.randn(5, 8).bfloat16(), torch.tensor([0, 1, 1, 0, 1])
+    feats = OutputLayer.build(weight, bias, [3, 7], loss).features(hidden, labels)
+    upcast = OutputLayer.build(weight.float(), bias.float(), [3, 7], loss).features(hidden.float(), labels)
+    assert feats.a.dtype == feats.h.dtype == torch.float32
+    assert torch.allclose(feats.a, upcast.a, atol=1e-6) and torch.equal(feats.h, upcast.h)
+
+
 def test_example_distances_equal_singleton_sets():
     feats = GradFeatures(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64))
     target = torch.randn(3, 5, dtype=torch.float64)

@@ -50,8 +50,8 @@ class OutputLayer:
         raise ValueError(f"matching.loss={loss!r} is not one of label_words, full_vocab.")
 
     def features(self, hidden: torch.Tensor, labels: torch.Tensor) -> GradFeatures:
-        # Float32 at least, whatever the model runs in: kept in bf16, the features of SmolLM2 put its
-        # gradient distances up to 6e-3 from float32's (benchmarks/bench.py), as large as the gains.
+        # Float32 at least, whatever the model runs in: kept in bf16, SmolLM2's features put its gradient
+        # distances up to 6.5e-3 from float32's (benchmarks/bench.py), about a finished set's distance.
         hidden = _at_least_fp32(hidden)
         logits = hidden @ self.weight.T.to(hidden.dtype)
         if self.bias is not None:
