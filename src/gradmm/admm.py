@@ -81,10 +81,7 @@ def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> t
     prompt = lm.input_embeddings[torch.tensor(ctx.prompt_ids, device=x.device)]
     inputs = torch.cat([x.to(lm.dtype), prompt.expand(x.shape[0], -1, -1)], dim=1)
     hidden = lm.last_hidden(inputs_embeds=inputs)
-    # The loss in float32 at least: its small probabilities are what the gradient is made of.
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    feats = ctx.head.features(hidden.to(dtype), ctx.row_labels(len(x), x.device))
-    return ctx.group_losses(feats, dtype)
+    return ctx.group_losses(ctx.head.features(hidden, ctx.row_labels(len(x), x.device)))
 
 
 def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictConfig) -> torch.Tensor:

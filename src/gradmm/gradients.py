@@ -161,12 +161,6 @@ class Objective:
     def __call__(self, feats: GradFeatures) -> torch.Tensor:
         return self.from_sums(self.row_inners(feats).mean(0), sq_norm(feats))
 
-    def to(self, dtype: torch.dtype) -> Objective:
-        if self.target.dtype == dtype:
-            return self
-        others = None if self.others is None else self.others.to(dtype)
-        return Objective(self.target.to(dtype), self.distance, others, self.union_weight)
-
 
 def replacement_distances(
     current: GradFeatures, candidates: GradFeatures, rows: torch.Tensor, objective: Objective

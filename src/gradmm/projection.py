@@ -157,12 +157,11 @@ class MatchingContext:
         hidden = lm.last_hidden(input_ids=torch.cat([text_tokens, prompt], dim=1))
         return self.head.features(hidden, self.row_labels(len(text_tokens), text_tokens.device))
 
-    def group_losses(self, feats: GradFeatures, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Each group's matching loss (G values); dtype: of the objectives' tensors (None: as stored)."""
+    def group_losses(self, feats: GradFeatures) -> torch.Tensor:
+        """Each group's matching loss (G values)."""
         size = len(feats) // self.n_groups
         return torch.stack([
-            (objective if dtype is None else objective.to(dtype))(feats.select(slice(g * size, (g + 1) * size)))
-            for g, objective in enumerate(self.objectives)
+            objective(feats.select(slice(g * size, (g + 1) * size))) for g, objective in enumerate(self.objectives)
         ])
 
     def replacement_losses(self, feats: GradFeatures, candidates: GradFeatures, rows: torch.Tensor) -> torch.Tensor:
