@@ -36,9 +36,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
 from gradmm.config import register_configs, validate
-from gradmm.gradients import OutputLayer
 from gradmm.models import LM, load_lm
-from gradmm.pipeline import class_objective, compute_targets, prepare
+from gradmm.pipeline import class_objective, compute_targets, matching_head, prepare
 from gradmm.projection import (
     MatchingContext,
     allowed_vocabulary,
@@ -112,6 +111,13 @@ def machine() -> dict:
     return info
 
 
+def speed_options(lm: LM, cfg: DictConfig) -> dict:
+    def name(dtype):
+        return None if dtype is None else str(dtype).removeprefix("torch.")
+
+    return {"dtype": name(lm.dtype), "autocast": name(lm.autocast_dtype), "compile": bool(cfg.model.compile)}
+
+
 def bench_shape(
     lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids, batch_size: int, seq_len: int,
     mode: dict,
@@ -179,9 +185,7 @@ def bench_shape(
         "kind": "shape",
         "model": cfg.model.name,
         "device": str(device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "autocast": None if lm.autocast_dtype is None else str(lm.autocast_dtype).removeprefix("torch."),
-        "compile": bool(cfg.model.compile),
+        **speed_options(lm, cfg),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "prompt_len": len(ctx.prompt_ids),
@@ -292,8 +296,7 @@ def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> d
     with open_dict(reference_cfg):
         reference_cfg.model.dtype, reference_cfg.model.autocast, reference_cfg.model.compile = "float32", None, False
     reference = load_lm(reference_cfg.model, cfg.paths.cache_dir)
-    reference_head = OutputLayer.build(reference.output_weight, reference.output_bias,
-                                       setup.verbalizer.label_token_ids, cfg.matching.loss)
+    reference_head = matching_head(cfg, setup, reference)
     reference_targets, _ = compute_targets(reference_cfg, setup, reference, reference_head)
     gen, allowed_ids = cfg.generation, allowed.nonzero().squeeze(-1)
     diffs = []
@@ -313,9 +316,7 @@ def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> d
         "kind": "precision",
         "model": cfg.model.name,
         "device": str(lm.device),
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "autocast": None if lm.autocast_dtype is None else str(lm.autocast_dtype).removeprefix("torch."),
-        "compile": bool(cfg.model.compile),
+        **speed_options(lm, cfg),
         "batch_size": gen.batch_size,
         "seq_len": gen.seq_len,
         "grad_distances": [d for d, _ in diffs],
@@ -378,9 +379,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup = prepare(cfg)
     started_info = machine()
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
-    head = OutputLayer.build(
-        lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss
-    )
+    head = matching_head(cfg, setup, lm)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     torch.manual_seed(cfg.seed)
 

@@ -33,9 +33,9 @@ from hydra import compose, initialize_config_dir
 
 from gradmm.config import register_configs, validate
 from gradmm.finetune import Classifier, make_splits
-from gradmm.gradients import OutputLayer, balanced_union_distance, class_targets, set_distance, text_features
+from gradmm.gradients import balanced_union_distance, class_targets, set_distance, text_features
 from gradmm.models import load_lm
-from gradmm.pipeline import prepare
+from gradmm.pipeline import matching_head, prepare
 from gradmm.tasks import load_split, stratified_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def main(overrides: list[str]) -> dict:
     setup = prepare(cfg)
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
     n_classes = len(cfg.task.label_names)
-    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+    head = matching_head(cfg, setup, lm)
 
     train = load_split(cfg, cfg.task.train_split)
     splits = make_splits(train, [], setup.real, cfg.evaluate.n_dev, n_classes, cfg.seed)

@@ -170,8 +170,13 @@ def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
     return {**figures, "audit": audit}
 
 
+def matching_head(cfg: DictConfig, setup: Setup, lm: LM) -> OutputLayer:
+    """The output layer whose gradient is matched: the label words' rows, or the whole vocabulary's."""
+    return OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+
+
 def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
-    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, cfg.matching.loss)
+    head = matching_head(cfg, setup, lm)
     targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
     # From here on only the (noisy, under privacy=dp) targets and public configuration are readable.
     privacy.seal(setup.real)
