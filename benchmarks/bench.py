@@ -211,6 +211,15 @@ def bench_shape(
     }
 
 
+def with_outer_steps(cfg: DictConfig, outer_steps: int) -> DictConfig:
+    """The job cut to `outer_steps` outer steps, with no checkpoint written (timing, not resuming)."""
+    short = cfg.copy()
+    with open_dict(short):
+        short.admm.outer_steps = outer_steps
+        short.generation.checkpoint_every = outer_steps + 1
+    return short
+
+
 def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps: int) -> dict:
     """Generation seconds per synthetic example of the job `cfg` describes: the targets, then one
     round per class, run for `outer_steps` outer steps and extrapolated to admm.outer_steps.
@@ -222,10 +231,7 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
     targets, _ = compute_targets(cfg, setup, lm, head)
     _sync(device)
     targets_s = time.perf_counter() - started
-    short = cfg.copy()
-    with open_dict(short):
-        short.admm.outer_steps = outer_steps
-        short.generation.checkpoint_every = outer_steps + 1
+    short = with_outer_steps(cfg, outer_steps)
     round_s = []
     for k in range(n_classes):
         ctx = MatchingContext(head, [class_objective(cfg, targets, k)], [k], setup.verbalizer.prompt_ids)
@@ -261,10 +267,7 @@ def bench_batching(lm: LM, cfg: DictConfig, setup, head, targets, allowed, round
     labels = [g % n_classes for g in range(rounds_per_batch)]
     ctx = MatchingContext(head, [class_objective(cfg, targets, k) for k in labels], labels,
                           setup.verbalizer.prompt_ids)
-    short = cfg.copy()
-    with open_dict(short):
-        short.admm.outer_steps = 1
-        short.generation.checkpoint_every = 2
+    short = with_outer_steps(cfg, 1)
     reset_peak_memory(device)
     generators = [torch.Generator().manual_seed(g) for g in range(rounds_per_batch)]
     state = start_round(lm, short, ctx, allowed, setup.prefix_ids, generators)

@@ -33,7 +33,13 @@ from hydra import compose, initialize_config_dir
 
 from gradmm.config import register_configs, validate
 from gradmm.finetune import Classifier, make_splits
-from gradmm.gradients import balanced_union_distance, class_targets, set_distance, text_features
+from gradmm.gradients import (
+    balanced_union_distance,
+    class_targets,
+    example_distances,
+    set_distance,
+    text_features,
+)
 from gradmm.models import load_lm
 from gradmm.pipeline import matching_head, prepare
 from gradmm.tasks import load_split, stratified_sample
@@ -74,9 +80,8 @@ def main(overrides: list[str]) -> dict:
 
     probe = []
     for k, target in enumerate(targets):
-        feats = head.features(hidden, torch.full_like(labels, k))
-        inner = (feats.a * (feats.h @ target.T)).sum(1)
-        probe.append(inner / (feats.a.norm(dim=1) * feats.h.norm(dim=1) * target.norm()))
+        # Closest target wins: the cosine distance of each example's own gradient, taken with label k.
+        probe.append(-example_distances(head.features(hidden, torch.full_like(labels, k)), target, "cosine"))
     real_labels_t = torch.tensor(real_labels, device=lm.device)
     centroids = torch.stack([real.h[real_labels_t == k].mean(0) for k in range(n_classes)])
     zero_shot = Classifier(lm, setup.verbalizer).scores([ex.text for ex in held_out])
