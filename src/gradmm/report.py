@@ -19,16 +19,15 @@ import html
 import io
 import json
 import math
+import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
 from gradmm import artifacts
-from gradmm.sweeps import ERROR_FILE
+from gradmm.job_dirs import Job, find_jobs, flatten, load_job, numeric  # noqa: F401 - the report's API
 
 # Keys that say where or how a job ran, not what it computed.
 IGNORED_PREFIXES = ("paths.", "tracker.", "validate_only", "resume", "cache_targets", "objective.")
@@ -43,68 +42,8 @@ FIGURES = (
 CURVES = (("grad_distance_z", "gradient distance of the projected tokens"), ("log_ppl_z", "log-perplexity"))
 
 
-@dataclass
-class Job:
-    path: Path
-    config: dict[str, Any]
-    summary: dict = field(default_factory=dict)
-    metrics: list[dict] = field(default_factory=list)
-    texts: list[dict] = field(default_factory=list)
-    error: dict | None = None
-    label: str = ""
-
-    @property
-    def status(self) -> str:
-        if self.error is not None:
-            return "failed"
-        return "done" if "n_synthetic" in self.summary or "accuracy" in self.summary else "unfinished"
-
-
-def find_jobs(paths: list[Path]) -> list[Path]:
-    found = set()
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        candidates = [path / "config.yaml"] if (path / "config.yaml").is_file() else path.rglob("config.yaml")
-        found.update(c.parent for c in candidates if c.parent.name != ".hydra")
-    return sorted(found)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        flat = {}
-        for key, value in node.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
-def load_job(path: Path, n_texts: int) -> Job:
-    job = Job(path, flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))))
-    if (path / "summary.json").is_file():
-        job.summary = json.loads((path / "summary.json").read_text())
-    if (path / "metrics.jsonl").is_file():
-        job.metrics = artifacts.read_jsonl(path / "metrics.jsonl")
-    if (path / ERROR_FILE).is_file():
-        job.error = json.loads((path / ERROR_FILE).read_text())
-    for name in ("synthetic_filtered.jsonl", "synthetic.jsonl"):
-        if (path / name).is_file():
-            job.texts = _best_texts(artifacts.read_jsonl(path / name), n_texts)
-            break
-    return job
-
-
-def _best_texts(rows: list[dict], n_per_class: int) -> list[dict]:
-    by_class = defaultdict(list)
-    for row in rows:
-        by_class[row["label"]].append(row)
-    best = []
-    for label in sorted(by_class):
-        best += sorted(by_class[label], key=lambda r: r.get("grad_distance", math.inf))[:n_per_class]
-    return best
-
-
 def differing_keys(jobs: list[Job]) -> list[str]:
+    jobs = [job for job in jobs if job.config]  # a job whose config.yaml is unreadable differs in nothing
     keys = sorted({k for job in jobs for k in job.config if not k.startswith(IGNORED_PREFIXES)})
     return [k for k in keys if len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) > 1]
 
@@ -117,7 +56,7 @@ def curve(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
     """The mean of `key` over classes and rounds at each outer step."""
     per_step = defaultdict(list)
     for record in metrics:
-        if record.get(key) is not None and "outer_step" in record:
+        if numeric([record.get(key), record.get("outer_step")]):
             per_step[record["outer_step"]].append(record[key])
     steps = sorted(per_step)
     return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
@@ -146,10 +85,6 @@ def curves_plot(jobs: list[Job]) -> str | None:
     return _svg(fig)
 
 
-def _numeric(values: list[Any]) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-
-
 def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
     """Each final figure against `key`; points are joined only when `key` is the one key that differs."""
     figures = [(k, t) for k, t, _ in FIGURES if any(isinstance(j.summary.get(k), (int, float)) for j in jobs)]
@@ -157,12 +92,12 @@ def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
     if not figures or not done:
         return None
     values = [job.config.get(key) for job in done]
-    numeric = _numeric(values)
+    is_numeric = numeric(values)
     categories = sorted({_fmt(v) for v in values})
     fig = Figure(figsize=(3.6 * len(figures), 3.2))
     for ax, (metric, title) in zip(fig.subplots(1, len(figures), squeeze=False)[0], figures, strict=True):
         points = sorted(
-            (v if numeric else categories.index(_fmt(v)), job.summary[metric])
+            (v if is_numeric else categories.index(_fmt(v)), job.summary[metric])
             for v, job in zip(values, done, strict=True) if isinstance(job.summary.get(metric), (int, float))
         )
         if not points:
@@ -170,9 +105,9 @@ def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
             continue
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker="o", linestyle="-" if alone else "none")
-        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        if is_numeric and min(xs) > 0 and max(xs) / min(xs) >= 20:
             ax.set_xscale("log")
-        if not numeric:
+        if not is_numeric:
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=7)
         ax.set(title=title, xlabel=key)
         ax.grid(alpha=0.3)
@@ -198,7 +133,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; margin-bottom: 1.5em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f2f2f2; } td.l, th.l { text-align: left; }
-tr.failed td { background: #fde8e8; } tr.unfinished td { background: #fff7dd; }
+tr.failed td, tr.broken td { background: #fde8e8; } tr.unfinished td { background: #fff7dd; }
 td.best { font-weight: bold; } svg { max-width: 100%; height: auto; }
 .text { font-family: ui-monospace, monospace; font-size: 12px; }
 """
@@ -214,7 +149,7 @@ def build_html(jobs: list[Job], title: str) -> str:
             job.label = f"{job.label} ({job.path.name})"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "unfinished", "failed")}
+    counts = {s: sum(j.status == s for j in jobs) for s in ("done", "unfinished", "failed", "broken")}
     parts.append(f"<p>{len(jobs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". "
                  f"Keys that differ: {html.escape(', '.join(keys) or 'none')}.</p>")
     parts.append(_table(jobs, keys))
@@ -228,6 +163,7 @@ def build_html(jobs: list[Job], title: str) -> str:
     parts.append("<h2>Synthetic texts (lowest gradient distance per class)</h2>")
     for job in jobs:
         parts.append(f"<h3>{html.escape(job.label)}</h3>")
+        parts += [f"<p>unreadable: {html.escape(problem)}</p>" for problem in job.broken]
         if job.error is not None:
             parts.append(f"<p>failed: {html.escape(str(job.error.get('error')))}</p>")
         if not job.texts:
@@ -261,11 +197,13 @@ def _table(jobs: list[Job], keys: list[str]) -> str:
     for job in jobs:
         s = job.summary
         status = job.status if job.error is None else f"failed: {job.error.get('error')}"
+        status = f"broken: {'; '.join(job.broken)}" if job.broken else status
         cells = [f"<td class='l'>{html.escape(str(job.path))}</td><td class='l'>{html.escape(status)}</td>"]
         cells += [f"<td>{_cell(job.config.get(k))}</td>" for k in keys]
         cells += [f"<td class='{'best' if k in best and s.get(k) == best[k] else ''}'>{_cell(s.get(k))}</td>"
                   for k, _, _ in figures]
-        cells.append(f"<td>{_cell((s.get('random_baseline') or {}).get('grad_distance_set'))}</td>")
+        baseline = s.get("random_baseline")
+        cells.append(f"<td>{_cell(baseline.get('grad_distance_set') if isinstance(baseline, dict) else None)}</td>")
         cells.append(f"<td>{_cell(s.get('n_synthetic'))}</td><td>{_cell(s.get('seconds'), 0)}</td>")
         rows.append(f"<tr class='{job.status}'>{''.join(cells)}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -276,6 +214,9 @@ def build_report(paths: list[Path], output: Path, n_texts: int = 3, title: str |
     if not dirs:
         raise SystemExit(f"no job directories (holding config.yaml) under {', '.join(map(str, paths))}")
     jobs = [load_job(d, n_texts) for d in dirs]
+    for job in jobs:
+        for problem in job.broken:
+            print(f"report: broken job {job.path}: {problem}", file=sys.stderr)
     artifacts.write_atomic(output, build_html(jobs, title or f"GRADMM runs: {', '.join(map(str, paths))}"))
     return output
 
