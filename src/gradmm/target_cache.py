@@ -11,6 +11,13 @@ the matching loss, the privacy settings, and the code and library versions
 that compute them (so a changed formula never reads a stale entry). Generation settings are not in
 it: that is what lets a sweep share one entry.
 
+Under privacy=dp every release is recorded in the privacy ledger beside the entries (gradmm.ledger)
+before it is stored: a new key, a cleared cache or a lost entry means a new release, which the ledger
+composes with the earlier ones on the same examples and privacy.budget_epsilon may refuse.
+An entry that cannot be read (truncated, corrupt, the wrong shape) is named in a warning and moved
+aside (<entry>.broken-<time>), never read again, and recomputed; loading never runs pickled code
+(weights_only=True).
+
 Concurrency: a file lock per key makes the first job compute while the others wait and then read;
 the entry is written aside and renamed into place, so a reader never sees half a file, even across
 machines on a shared filesystem where the lock might not hold.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +38,7 @@ import transformers
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts, gradients, models, privacy, tasks
+from gradmm import artifacts, gradients, ledger, models, privacy, tasks
 from gradmm.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -46,9 +54,14 @@ def _container(cfg: DictConfig, key: str):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+# Privacy settings that decide whether a release may happen, not what it holds.
+_NOT_IN_RELEASE = ("budget_epsilon",)
+
+
 def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
     texts = hashlib.sha256("\x00".join(ex.text for ex in real).encode()).hexdigest()
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _SOURCES)).hexdigest()
+    release = {k: v for k, v in _container(cfg, "privacy").items() if k not in _NOT_IN_RELEASE}
     return {
         "model": _container(cfg, "model"),
         "task": _container(cfg, "task"),
@@ -56,7 +69,7 @@ def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
                  "texts_sha256": texts},
         "seed": cfg.seed,
         "matching_loss": cfg.matching.loss,
-        "privacy": _container(cfg, "privacy"),
+        "privacy": release,
         "code_sha256": code,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
@@ -69,23 +82,90 @@ def entry_path(cache_dir: str | Path, key: dict) -> Path:
 
 def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.device,
                    compute: Callable[[], Targets]) -> Targets:
-    """compute()'s (targets, release facts), read from the cache when an earlier job stored them."""
+    """compute()'s (targets, release facts), read from the cache when an earlier job stored them.
+    Under privacy=dp every release goes through the ledger: refused over privacy.budget_epsilon,
+    recorded before it is stored, and its facts carry the epsilon composed over every release on
+    these examples."""
     if not cfg.cache_targets:
         return _timed(compute, "computed (cache_targets=false)")
     key = target_key(cfg, real)
-    path = entry_path(cfg.paths.target_cache_dir, key)
+    cache_dir = Path(cfg.paths.target_cache_dir)
+    path = entry_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
+    dp = cfg.privacy.name == "dp"
+    ids = ledger.example_ids(cache_dir, [ex.text for ex in real]) if dp else []
     with FileLock(str(path.with_suffix(".lock"))):
-        if path.is_file():
-            started = time.perf_counter()
-            entry = torch.load(path, map_location=device, weights_only=True)
-            log.info("targets: read from %s in %.2f s", path, time.perf_counter() - started)
-            return entry["targets"], entry["release"]
-        targets, release = _timed(compute, f"computed and stored in {path}")
-        # The key beside the entry says what it holds, for whoever clears or audits the cache.
-        artifacts.write_json(path.with_suffix(".key.json"), key)
-        artifacts.save_torch(path, {"targets": [t.detach().cpu() for t in targets], "release": release})
+        entry = _load_entry(path, device, dp)
+        if entry is not None:
+            targets, release = entry
+            if dp and release.get("release_id") not in {r["release_id"] for r in ledger.read(cache_dir)}:
+                log.warning("privacy: the release in %s was missing from the ledger; recorded now", path)
+                release = {**release, "release_id": ledger.record(cache_dir, _facts(release), ids)["release_id"]}
+                artifacts.save_torch(path, {"targets": _cpu(targets), "release": release})
+        else:
+            if dp:
+                ledger.check_budget(ledger.read(cache_dir), ids, planned_release(cfg.privacy), cfg.privacy.delta,
+                                    cfg.privacy.relation, cfg.privacy.get("budget_epsilon"))
+            targets, release = _timed(compute, f"computed and stored in {path}")
+            if dp:
+                release = {**release, "release_id": ledger.record(cache_dir, _facts(release), ids)["release_id"]}
+            # The key beside the entry says what it holds, for whoever clears or audits the cache.
+            artifacts.write_json(path.with_suffix(".key.json"), key)
+            artifacts.save_torch(path, {"targets": _cpu(targets), "release": release})
+    if dp:
+        release = {**release, **composed(cfg, cache_dir, ids)}
     return targets, release
+
+
+def planned_release(p: DictConfig) -> dict:
+    """The accounting facts of a release under these privacy settings, known before any noise is drawn."""
+    sigma = privacy.noise_multiplier(p.epsilon, p.delta)
+    sensitivity = p.clip * ledger.SENSITIVITY[p.relation]
+    return {"noise_multiplier": sigma, "noise_std": sigma * sensitivity, "clip": p.clip, "relation": p.relation,
+            "sensitivity": sensitivity, "epsilon": p.epsilon, "delta": p.delta}
+
+
+def composed(cfg: DictConfig, cache_dir: Path, ids: list[str]) -> dict:
+    """The epsilon composed over every recorded release that covered one of these examples."""
+    p = cfg.privacy
+    total, n = ledger.total_epsilon(ledger.read(cache_dir), ids, p.delta, p.relation)
+    log.info("privacy: %d release(s) on these real examples compose to epsilon=%.3g at delta=%g (ledger %s)",
+             n, total, p.delta, cache_dir / ledger.LEDGER_FILE)
+    return {"total_epsilon": total, "releases_on_these_examples": n, "budget_epsilon": p.get("budget_epsilon"),
+            "ledger": str(cache_dir / ledger.LEDGER_FILE)}
+
+
+def _facts(release: dict) -> dict:
+    return {k: release[k] for k in ("noise_multiplier", "noise_std", "clip", "relation", "epsilon", "delta")}
+
+
+def _load_entry(path: Path, device: torch.device, dp: bool) -> Targets | None:
+    """The stored (targets, release), or None; an unreadable entry is moved aside, saying so."""
+    if not path.is_file():
+        return None
+    try:
+        started = time.perf_counter()
+        entry = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(entry, dict):
+            raise ValueError(f"holds a {type(entry).__name__}, not a cache entry")
+        targets, release = entry["targets"], entry["release"]
+        if not isinstance(targets, list) or not targets or not isinstance(release, dict):
+            raise ValueError("not a list of targets and a release record")
+    except Exception as error:  # noqa: BLE001 - whatever is wrong with it, the entry cannot be used
+        aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("targets: the cache entry %s is unreadable (%s); moved to %s and recomputed%s", path, error,
+                    aside, ": under privacy=dp a new release, which the ledger composes with the lost one"
+                    if dp else "")
+        return None
+    log.info("targets: read from %s in %.2f s", path, time.perf_counter() - started)
+    return targets, release
+
+
+def _cpu(targets):
+    if isinstance(targets, torch.Tensor):
+        return targets.detach().cpu()
+    return [_cpu(t) for t in targets]
 
 
 def _timed(compute: Callable[[], Targets], what: str) -> Targets:
