@@ -35,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
-from gradmm.config import register_configs, validate
+from gradmm.generate import class_objective, compute_targets, matched_gradient, round_settings
 from gradmm.models import LM, load_lm
-from gradmm.pipeline import class_objective, compute_targets, matching_head, prepare
+from gradmm.pipeline import prepare
 from gradmm.projection import (
     MatchingContext,
     allowed_vocabulary,
@@ -45,6 +45,8 @@ from gradmm.projection import (
     project_matching_lm,
     project_topk_lm,
 )
+from gradmm.schemas import register_configs
+from gradmm.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
@@ -127,12 +129,13 @@ def bench_shape(
     with open_dict(shape_cfg):
         shape_cfg.generation.batch_size, shape_cfg.generation.seq_len = batch_size, seq_len
     reset_peak_memory(device)
-    state = start_round(lm, shape_cfg, ctx, allowed, prefix_ids, [torch.Generator().manual_seed(0)])
+    admm, init, _ = round_settings(shape_cfg)
+    state = start_round(lm, admm, init, ctx, allowed, prefix_ids, [torch.Generator().manual_seed(0)])
     x = state.x.clone().requires_grad_(True)
     u, z = torch.zeros_like(x), state.z
     z_emb = lm.input_embeddings[z].float()
     optimizer = torch.optim.Adam([x], lr=cfg.admm.lr)
-    inner_s = timed(lambda: inner_step(lm, ctx, x, z_emb, u, optimizer, cfg.admm), device, repeats)
+    inner_s = timed(lambda: inner_step(lm, ctx, x, z_emb, u, optimizer, admm), device, repeats)
 
     prompt = lm.input_embeddings[torch.tensor(ctx.prompt_ids, device=device)]
     inputs = torch.cat([x.detach().to(lm.dtype), prompt.expand(batch_size, -1, -1)], dim=1)
@@ -142,6 +145,7 @@ def bench_shape(
             lm.last_hidden(inputs_embeds=inputs)
 
     def forward_backward():
+        """The floor: one plain forward and backward to the embeddings, in the attention the job uses."""
         leaf = inputs.detach().requires_grad_(True)
         lm.last_hidden(inputs_embeds=leaf).float().sum().backward()
 
@@ -189,6 +193,7 @@ def bench_shape(
         "batch_size": batch_size,
         "seq_len": seq_len,
         "prompt_len": len(ctx.prompt_ids),
+        "matched": ctx.matched.describe(),
         "inner_step_s": inner_s,
         "fwd_bwd_s": fwd_bwd_s,
         "inner_step_over_fwd_bwd": inner_s / fwd_bwd_s,
@@ -235,8 +240,9 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
     round_s = []
     for k in range(n_classes):
         ctx = MatchingContext(head, [class_objective(cfg, targets, k)], [k], setup.verbalizer.prompt_ids)
-        state = start_round(lm, short, ctx, allowed, setup.prefix_ids, [torch.Generator().manual_seed(k)])
-        run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
+        admm, init, projector = round_settings(short)
+        state = start_round(lm, admm, init, ctx, allowed, setup.prefix_ids, [torch.Generator().manual_seed(k)])
+        run_round(lm, admm, projector, ctx, allowed, setup.prefix_ids, state)
         start_s, outer = state.records[0]["seconds"], [r["seconds"] for r in state.records[1:]]
         round_s.append(start_s + cfg.admm.outer_steps * statistics.mean(outer))
     total = targets_s + gen.rounds * sum(round_s)
@@ -250,6 +256,7 @@ def bench_end_to_end(lm: LM, cfg: DictConfig, setup, head, allowed, outer_steps:
         "outer_steps": cfg.admm.outer_steps,
         "inner_steps": cfg.admm.inner_steps,
         "projector": cfg.projector.name,
+        "matched": head.describe(),
         "measured_outer_steps": outer_steps,
         "targets_s": targets_s,
         "round_s": statistics.mean(round_s),
@@ -270,8 +277,9 @@ def bench_batching(lm: LM, cfg: DictConfig, setup, head, targets, allowed, round
     short = with_outer_steps(cfg, 1)
     reset_peak_memory(device)
     generators = [torch.Generator().manual_seed(g) for g in range(rounds_per_batch)]
-    state = start_round(lm, short, ctx, allowed, setup.prefix_ids, generators)
-    run_round(lm, short, ctx, allowed, setup.prefix_ids, state)
+    admm, init, projector = round_settings(short)
+    state = start_round(lm, admm, init, ctx, allowed, setup.prefix_ids, generators)
+    run_round(lm, admm, projector, ctx, allowed, setup.prefix_ids, state)
     step_s = state.records[-1]["seconds"]
     return {
         "kind": "batching",
@@ -299,7 +307,7 @@ def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> d
     with open_dict(reference_cfg):
         reference_cfg.model.dtype, reference_cfg.model.autocast, reference_cfg.model.compile = "float32", None, False
     reference = load_lm(reference_cfg.model, cfg.paths.cache_dir)
-    reference_head = matching_head(cfg, setup, reference)
+    reference_head = matched_gradient(cfg, setup, reference)
     reference_targets, _ = compute_targets(reference_cfg, setup, reference, reference_head)
     gen, allowed_ids = cfg.generation, allowed.nonzero().squeeze(-1)
     diffs = []
@@ -307,7 +315,8 @@ def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> d
         ctx = MatchingContext(head, [class_objective(cfg, targets, k)], [k], setup.verbalizer.prompt_ids)
         reference_ctx = MatchingContext(reference_head, [class_objective(cfg, reference_targets, k)], [k],
                                         setup.verbalizer.prompt_ids)
-        sampled = start_round(lm, cfg, ctx, allowed, setup.prefix_ids, [torch.Generator().manual_seed(k)]).z
+        sampled = start_round(lm, *round_settings(cfg)[:2], ctx, allowed, setup.prefix_ids,
+                              [torch.Generator().manual_seed(k)]).z
         random = allowed_ids[torch.randint(len(allowed_ids), sampled.shape, generator=torch.Generator().manual_seed(k))]
         for tokens in (sampled, random.to(sampled.device)):
             with torch.no_grad():
@@ -333,6 +342,8 @@ def print_table(records: list[dict]) -> None:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    for r in records[:1]:
+        print(f"matched gradient: {r['matched']}")
     print(f"{'B':>4}{'L':>5}{'inner s':>9}{'fwd+bwd':>9}{'ratio':>7}{'fwd s':>8}{'L steps':>9}{'x fwd':>7}"
           f"{'topk_lm':>9}{'x fwd':>7}"
           f"{'naive':>9}{'x fwd':>7}{'matching':>10}{'x fwd':>7}{'plain':>9}{'peak MB':>9}")
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setup = prepare(cfg)
     started_info = machine()
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
-    head = matching_head(cfg, setup, lm)
+    head = matched_gradient(cfg, setup, lm)
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     torch.manual_seed(cfg.seed)
 

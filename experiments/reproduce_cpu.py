@@ -1,13 +1,21 @@
-"""The CPU comparison of issue 3 on SST-2 with the embedded model: synthetic data against real data.
+"""The CPU comparison on SST-2 with the embedded model: synthetic data against real data and a control.
 
-    make reproduce-cpu                   # the protocol of conf/experiment/cpu_sst2.yaml (1.5 h on 2 cores)
+    make reproduce-cpu                   # the protocol of conf/experiment/cpu_sst2.yaml (hours on 2 cores)
     python experiments/reproduce_cpu.py --name cpu_sst2_reduced evaluate.steps=50 evaluate.seeds=[0]
+    python experiments/reproduce_cpu.py --only lm_samples,lm_samples_filtered
 
-One generation job (192 texts from 50 real examples, filtered to at most 100), then one
-evaluation job per training set on that job's output, each with `evaluate.seeds`:
+Two generation jobs (256 texts from 50 real examples each, filtered to at most 100): the preset's
+matching, and its control, the same job with admm.outer_steps=0 (the generator's own LM samples, no
+ADMM step, scored and filtered exactly alike), then one evaluation job per training set, each with
+`evaluate.seeds`:
 
-    synthetic_filtered (+ the zero_shot and few_shot references), synthetic, real_seen (the 50 real
-    examples the generator saw), real_random_100, real_random_1000.
+    synthetic_filtered (+ the zero_shot and few_shot references), synthetic, lm_samples_filtered,
+    lm_samples, real_seen (the 50 real examples the generator saw), real_random_100, real_random_1000;
+    and with --few-real 5,10 the paper's few-example setting: synthetic_filtered_n5 (generated from
+    5 real examples) against real_seen_n5 (fine-tuning on those 5), and the same for 10.
+
+If synthetic_filtered is not above lm_samples_filtered, the accuracy comes from the filter and the LM,
+not from the matching.
 
 Every job is an ordinary `run.py` job (the same hash-named directory `python run.py experiment=cpu_sst2
 ...` would use), so a re-run resumes where it stopped, at the granularity of one trained model. Writes
@@ -28,6 +36,7 @@ import argparse
 import datetime
 import json
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,20 +45,41 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from gradmm import artifacts
-from gradmm.config import register_configs, science_hash, validate
+from gradmm.identity import science_hash
 from gradmm.pipeline import run_job
+from gradmm.schemas import register_configs
+from gradmm.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_NAME = "cpu_sst2"
 
-# Training set -> the overrides of its evaluation job.
+# The generation jobs, as overrides of the preset.
+GENERATIONS = {"matched": [], "lm_samples": ["admm.outer_steps=0"]}
+# Training set -> (generation job, overrides of its evaluation job).
 TRAINED = {
-    "synthetic_filtered": ["evaluate.train_on=synthetic_filtered", "evaluate.baselines=[zero_shot,few_shot]"],
-    "synthetic": ["evaluate.train_on=synthetic", "evaluate.baselines=[]"],
-    "real_seen": ["evaluate.train_on=real_seen", "evaluate.baselines=[]"],
-    "real_random_100": ["evaluate.train_on=real_random", "evaluate.n_train=100", "evaluate.baselines=[]"],
-    "real_random_1000": ["evaluate.train_on=real_random", "evaluate.n_train=1000", "evaluate.baselines=[]"],
+    "synthetic_filtered": ("matched", ["evaluate.train_on=synthetic_filtered",
+                                       "evaluate.baselines=[zero_shot,few_shot]"]),
+    "synthetic": ("matched", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
+    "lm_samples_filtered": ("lm_samples", ["evaluate.train_on=synthetic_filtered", "evaluate.baselines=[]"]),
+    "lm_samples": ("lm_samples", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
+    "real_seen": ("matched", ["evaluate.train_on=real_seen", "evaluate.baselines=[]"]),
+    "real_random_100": ("matched", ["evaluate.train_on=real_random", "evaluate.n_train=100", "evaluate.baselines=[]"]),
+    "real_random_1000": ("matched", ["evaluate.train_on=real_random", "evaluate.n_train=1000",
+                                     "evaluate.baselines=[]"]),
 }
+
+
+def few_real_sets(sizes: list[int]) -> tuple[dict, dict]:
+    """The paper's few-example setting: per size n, a generation from n real examples and two rows."""
+    generations = {f"n{n}": [f"generation.n_real={n}"] for n in sizes}
+    trained = {}
+    for n in sizes:
+        trained[f"synthetic_filtered_n{n}"] = (f"n{n}", ["evaluate.train_on=synthetic_filtered",
+                                                         "evaluate.baselines=[]"])
+        trained[f"real_seen_n{n}"] = (f"n{n}", ["evaluate.train_on=real_seen", "evaluate.baselines=[]"])
+    return generations, trained
+
+
 # Reported next to the trained models: references computed by the synthetic_filtered job.
 REFERENCES = ("zero_shot", "few_shot")
 
@@ -75,13 +105,32 @@ def table(results: dict, command: str, overrides: list[str]) -> str:
         f"Last run: `{command}`"
         + (f" (overrides, NOT the full protocol: `{' '.join(overrides)}`)." if overrides else "."),
         "",
-        "| training set | n_train | accuracy (mean +- std over seeds) | measured |",
-        "|---|---:|---:|---|",
+        "| training set | n_train | accuracy (mean +- std over seeds) | matched | code | measured |",
+        "|---|---:|---:|---|---|---|",
     ]
-    for method, r in results.items():
+    for method, r in sorted(results.items()):
         lines.append(f"| {method} | {r['n_train']} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} "
-                     f"| {r['measured']} |")
+                     f"| {r.get('matched', '-')} | {r.get('code_version', '-')[:12]} | {r['measured']} |")
     return "\n".join(lines) + "\n"
+
+
+def matched_description(cfg: DictConfig) -> str:
+    """What the generation job matched, for the row: its matching choice, or none for the control."""
+    if cfg.admm.outer_steps == 0:
+        return "none (LM samples, admm.outer_steps=0)"
+    m = cfg.matching
+    if m.kind == "output_layer":
+        return f"output layer ({m.loss})"
+    rank = f" rank {m.lora_rank}" if m.kind == "lora" else ""
+    return f"{m.kind}{rank}: {' '.join(m.modules)} ({m.loss})"
+
+
+def code_version() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "src", "conf", "experiments")
+    return git("rev-parse", "HEAD") + ("+uncommitted" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,38 +139,54 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=FULL_NAME, help="results file stem (default: %(default)s)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "experiments" / "results")
     parser.add_argument("--experiment", default="cpu_sst2", help="preset (default: %(default)s)")
-    parser.add_argument("--only", type=lambda s: s.split(","), default=list(TRAINED),
-                        help=f"comma-separated training sets to (re-)measure, of {','.join(TRAINED)}; "
-                             "the other rows are kept from the existing results file")
+    parser.add_argument("--few-real", type=lambda s: [int(n) for n in s.split(",")], default=[],
+                        help="also the few-example setting for these numbers of real examples, e.g. 5,10")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        help="comma-separated training sets to (re-)measure; the other rows are kept "
+                             "from the existing results file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job")
     args = parser.parse_args(argv)
     if args.overrides and args.name == FULL_NAME:
         parser.error(f"overrides change the protocol: pass another --name than {FULL_NAME!r}.")
-    unknown = sorted(set(args.only) - set(TRAINED))
+    few_generations, few_trained = few_real_sets(args.few_real)
+    generations, trained = {**GENERATIONS, **few_generations}, {**TRAINED, **few_trained}
+    only = args.only or list(trained)
+    unknown = sorted(set(only) - set(trained))
     if unknown:
-        parser.error(f"--only {','.join(unknown)}: not a training set; choose from {','.join(TRAINED)}.")
+        parser.error(f"--only {','.join(unknown)}: not a training set; choose from {','.join(trained)}.")
     results_path = args.results_dir / f"{args.name}.json"
-    partial = set(args.only) != set(TRAINED)
+    partial = args.only is not None
     if partial and not results_path.is_file():
         parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
     results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
-    today = datetime.date.today().isoformat()
-    todo = {method: extra for method, extra in TRAINED.items() if method in args.only}
+    version = code_version()
+    todo = {method: trained[method] for method in only}
+    needed = [name for name in generations if any(job == name for job, _ in todo.values())]
 
     register_configs()
     base = [f"experiment={args.experiment}", *args.overrides]
+    steps = len(needed) + len(todo)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        _, generated = run([*base, "stages=[generate,filter]"], f"[1/{len(todo) + 1}] generate and filter")
-        for i, (method, extra) in enumerate(todo.items(), 2):
-            overrides = [*base, "stages=[evaluate]", f"data.synthetic_from={generated}", *extra]
-            summary, _ = run(overrides, f"[{i}/{len(todo) + 1}] evaluate {method}")
+        generated = {}
+        for i, name in enumerate(needed, 1):
+            overrides = [*base, *generations[name], "stages=[generate,filter]"]
+            _, generated[name] = run(overrides, f"[{i}/{steps}] generate and filter ({name})")
+            generated[name] = (generated[name], matched_description(compose(config_name="config",
+                                                                            overrides=overrides)))
+        for i, (method, (job, extra)) in enumerate(todo.items(), len(needed) + 1):
+            source, matched = generated[job]
+            overrides = [*base, *generations[job], "stages=[evaluate]", f"data.synthetic_from={source}", *extra]
+            summary, _ = run(overrides, f"[{i}/{steps}] evaluate {method}")
+            row = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "code_version": version, "matched": matched if "synthetic" in extra[0] else "-"}
             results[method] = {"mean": summary["accuracy"], "std": summary["accuracy_std"],
-                               "n_train": summary["evaluation"]["n_train"], "measured": today}
+                               "n_train": summary["evaluation"]["n_train"], **row}
             print(f"  {method}: {summary['accuracy']:.3f} +- {summary['accuracy_std']:.3f}", flush=True)
             for name in REFERENCES:
                 if name in summary["baselines"]:
                     b = summary["baselines"][name]
-                    results[name] = {"mean": b["mean"], "std": b["std"], "n_train": b["n_train"], "measured": today}
+                    results[name] = {"mean": b["mean"], "std": b["std"], "n_train": b["n_train"], **row,
+                                     "matched": "-"}
 
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(shlex.quote(a) for a in ["python", "experiments/reproduce_cpu.py", *given])

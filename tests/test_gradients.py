@@ -58,13 +58,13 @@ def test_closed_form_matches_autograd(tiny_lm_factory, tied, loss, with_bias):
 
     reference = _reference_gradient(lm, weight, bias, LABEL_IDS, hidden, labels, loss)
     feats = head.features(hidden, labels)
-    assert _close(mean_gradient(feats), reference)
+    assert _close(mean_gradient(feats)[0], reference)
     for kind in ("cosine", "l2"):
         if kind == "cosine":
             expected = 1 - (reference * target).sum() / (reference.norm() * target.norm())
         else:
             expected = (reference - target).norm() / target.norm()
-        closed = set_distance(feats, target, kind)
+        closed = set_distance(feats, [target], kind)
         assert torch.allclose(closed, expected, rtol=1e-9, atol=1e-12)
         (g_closed,) = torch.autograd.grad(closed, x, retain_graph=True)
         (g_reference,) = torch.autograd.grad(expected, x, retain_graph=True)
@@ -73,7 +73,7 @@ def test_closed_form_matches_autograd(tiny_lm_factory, tied, loss, with_bias):
     others = torch.randn_like(target)
     union = target + others
     expected = 1 - ((reference + others) * union).sum() / ((reference + others).norm() * union.norm())
-    closed = Objective(target, "cosine", others, union_weight=1.0)(feats) - set_distance(feats, target)
+    closed = Objective([target], "cosine", [others], union_weight=1.0)(feats) - set_distance(feats, [target])
     assert torch.allclose(closed, expected, rtol=1e-9, atol=1e-12)
     (g_closed,) = torch.autograd.grad(closed, x, retain_graph=True)
     (g_reference,) = torch.autograd.grad(expected, x, retain_graph=True)
@@ -87,7 +87,7 @@ def test_task_loss_gradient_is_the_feature_outer_product(tiny_lm_factory):
     labels = torch.tensor([1, 0, 0, 1])
     w = head.weight.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(OutputLayer(w, None, head.label_rows).loss(hidden, labels), w)
-    assert _close(mean_gradient(head.features(hidden, labels)), grad)
+    assert _close(mean_gradient(head.features(hidden, labels))[0], grad)
 
 
 @pytest.mark.parametrize("loss", ["label_words", "full_vocab"])
@@ -98,13 +98,14 @@ def test_features_of_a_bfloat16_model_are_computed_in_float32(loss):
     hidden, labels = torch.randn(5, 8).bfloat16(), torch.tensor([0, 1, 1, 0, 1])
     feats = OutputLayer.build(weight, bias, [3, 7], loss).features(hidden, labels)
     upcast = OutputLayer.build(weight.float(), bias.float(), [3, 7], loss).features(hidden.float(), labels)
-    assert feats.a.dtype == feats.h.dtype == torch.float32
-    assert torch.allclose(feats.a, upcast.a, atol=1e-6) and torch.equal(feats.h, upcast.h)
+    assert feats.deltas[0].dtype == feats.inputs[0].dtype == torch.float32
+    assert torch.allclose(feats.deltas[0], upcast.deltas[0], atol=1e-6)
+    assert torch.equal(feats.inputs[0], upcast.inputs[0])
 
 
 def test_example_distances_equal_singleton_sets():
-    feats = GradFeatures(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64))
-    target = torch.randn(3, 5, dtype=torch.float64)
+    feats = GradFeatures.single(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64))
+    target = [torch.randn(3, 5, dtype=torch.float64)]
     for kind in ("cosine", "l2"):
         batched = example_distances(feats, target, kind)
         single = torch.stack([set_distance(feats.select([i]), target, kind) for i in range(6)])
@@ -118,46 +119,47 @@ def _objectives(target, others):
 
 
 def test_objective_equals_its_definition_on_materialised_gradients():
-    feats = GradFeatures(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    feats = GradFeatures.single(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
     target, others = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    g = mean_gradient(feats)
+    (g,) = mean_gradient(feats)
     for kind in ("cosine", "l2"):
         def distance(x, t, kind=kind):
             if kind == "cosine":
                 return 1 - (x * t).sum() / (x.norm() * t.norm())
             return (x - t).norm() / t.norm()
 
-        assert torch.allclose(Objective(target, kind)(feats), distance(g, target))
-        union = Objective(target, kind, others, union_weight=0.7)(feats)
+        assert torch.allclose(Objective([target], kind)(feats), distance(g, target))
+        union = Objective([target], kind, [others], union_weight=0.7)(feats)
         assert torch.allclose(union, distance(g, target) + 0.7 * distance(g + others, target + others))
 
 
 def test_objective_union_term_sees_the_scale_that_the_class_term_ignores():
-    feats = GradFeatures(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    feats = GradFeatures.single(torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
     target = mean_gradient(feats)
-    others = -0.9 * target + 0.1 * torch.randn(2, 4, dtype=torch.float64)
-    doubled = GradFeatures(2 * feats.a, feats.h)
+    others = [-0.9 * target[0] + 0.1 * torch.randn(2, 4, dtype=torch.float64)]
+    doubled = feats.scaled(torch.full((5,), 2.0, dtype=torch.float64))
     assert Objective(target)(doubled) < 1e-12
     assert Objective(target, others=others, union_weight=1.0)(doubled) > 0.1
 
 
 def test_replacement_distances_equal_recomputed_sets():
-    current = GradFeatures(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
-    candidates = GradFeatures(torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
+    current = GradFeatures.single(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
+    candidates = GradFeatures.single(torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
     rows = torch.tensor([0, 0, 2, 4, 4, 1, 3])
-    target, others = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    target, others = [torch.randn(3, 4, dtype=torch.float64)], [torch.randn(3, 4, dtype=torch.float64)]
     for objective in _objectives(target, others):
         fast = replacement_distances(current, candidates, rows, objective)
         for j, r in enumerate(rows.tolist()):
-            a, h = current.a.clone(), current.h.clone()
-            a[r], h[r] = candidates.a[j], candidates.h[j]
-            assert torch.allclose(fast[j], objective(GradFeatures(a, h)))
+            swapped = current.select(torch.arange(5))
+            swapped.assign(torch.tensor([r]), candidates, torch.tensor([j]))
+            assert torch.allclose(fast[j], objective(swapped))
 
 
 def test_balanced_union_distance_weighs_each_class_mean_equally():
-    feats = GradFeatures(torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
+    feats = GradFeatures.single(torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64))
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 1])
-    targets = [torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)]
-    union = (mean_gradient(feats.select(labels == 0)) + mean_gradient(feats.select(labels == 1))) / 2
-    expected = 1 - (union * (targets[0] + targets[1])).sum() / (union.norm() * (targets[0] + targets[1]).norm())
+    targets = [[torch.randn(2, 4, dtype=torch.float64)], [torch.randn(2, 4, dtype=torch.float64)]]
+    union = (mean_gradient(feats.select(labels == 0))[0] + mean_gradient(feats.select(labels == 1))[0]) / 2
+    both = targets[0][0] + targets[1][0]
+    expected = 1 - (union * both).sum() / (union.norm() * both.norm())
     assert torch.allclose(balanced_union_distance(feats, labels, targets), expected)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
+import gradmm.generate as generate
 import gradmm.pipeline as pipeline
 from gradmm import privacy
-from gradmm.config import ConfigError, validate
 from gradmm.gradients import GradFeatures, OutputLayer, mean_gradient
+from gradmm.inputs import Setup
 from gradmm.tasks import Example, load_split, stratified_sample
+from gradmm.validation import ConfigError, validate
 
 DP = [*TINY, "privacy=dp", "privacy.delta=1e-3"]
 EVAL = ["evaluate.steps=2", "evaluate.eval_every=2", "evaluate.batch_size=4", "evaluate.n_dev=8",
@@ -45,11 +47,11 @@ def test_noise_multiplier_is_the_smallest_that_meets_the_budget(epsilon, delta):
 
 
 def test_clipping_bounds_each_examples_gradient_norm():
-    feats = GradFeatures(torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64))
-    original = torch.stack([mean_gradient(feats.select([i])).norm() for i in range(20)])
+    feats = GradFeatures.single(torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64))
+    original = torch.stack([mean_gradient(feats.select([i]))[0].norm() for i in range(20)])
     bound = original.median().item()
     clipped = privacy.clip(feats, bound)
-    norms = torch.stack([mean_gradient(clipped.select([i])).norm() for i in range(20)])
+    norms = torch.stack([mean_gradient(clipped.select([i]))[0].norm() for i in range(20)])
     small = original <= bound
     assert torch.allclose(norms[small], original[small])
     assert torch.allclose(norms[~small], torch.full_like(norms[~small], bound))
@@ -58,13 +60,13 @@ def test_clipping_bounds_each_examples_gradient_norm():
 @pytest.mark.parametrize("relation,factor", [("add_remove", 1), ("replace_one", 2)])
 def test_released_noise_has_the_calibrated_standard_deviation(relation, factor):
     cfg = compose_config([*DP, "privacy.epsilon=2", "privacy.clip=0.5", f"privacy.relation={relation}"])
-    feats = GradFeatures(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
+    feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     labels = [0, 1] * 4
     clean = [mean_gradient(privacy.clip(feats, 0.5).select(torch.tensor(labels) == k)) for k in range(2)]
     releases = [privacy.release_targets(feats, labels, cfg, torch.Generator().manual_seed(s))
                 for s in range(300)]
     # n_k = 4: back to the noise on the sum
-    noise = torch.stack([torch.stack([r.targets[k] - clean[k] for k in range(2)]) for r in releases]) * 4
+    noise = torch.stack([torch.stack([r.targets[k][0] - clean[k][0] for k in range(2)]) for r in releases]) * 4
     expected = privacy.noise_multiplier(2.0, cfg.privacy.delta) * 0.5 * factor
     assert releases[0].facts["noise_std"] == pytest.approx(expected)
     assert abs(noise.std().item() / expected - 1) < 0.05
@@ -76,7 +78,7 @@ def test_released_noise_has_the_calibrated_standard_deviation(relation, factor):
 
 def test_release_divides_by_the_public_quota_and_refuses_other_counts():
     cfg = compose_config(DP)  # n_real=8, two classes: quotas 4 and 4
-    feats = GradFeatures(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
+    feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     assert privacy.release_targets(feats, [0, 1] * 4, cfg, torch.Generator()).facts["class_counts"] == [4, 4]
     with pytest.raises(ValueError, match="public quota"):
         privacy.release_targets(feats, [0] * 5 + [1] * 3, cfg, torch.Generator())
@@ -91,8 +93,8 @@ def test_private_targets_differ_from_the_exact_ones(tiny_lm_factory):
     released = privacy.release_targets(feats, labels, cfg, privacy.secret_generator()).targets
     again = privacy.release_targets(feats, labels, cfg, privacy.secret_generator()).targets
     exact = [mean_gradient(privacy.clip(feats, 1.0).select(torch.tensor(labels) == k)) for k in range(2)]
-    assert not torch.allclose(released[0], exact[0])
-    assert not torch.allclose(released[0], again[0])  # the noise is not a function of the config
+    assert not torch.allclose(released[0][0], exact[0][0])
+    assert not torch.allclose(released[0][0], again[0][0])  # the noise is not a function of the config
 
 
 def test_sealed_examples_keep_their_row_numbers_and_nothing_else():
@@ -124,18 +126,19 @@ def test_no_stage_reads_real_data_after_the_release(tmp_path, monkeypatch):
     its outputs hold no real text, and W&B gets the release facts but not the audit."""
     cfg = _dp_job_cfg(tmp_path)
     validate(cfg)
-    stages = ("generate_rounds", "score_and_write", "filter_stage", "evaluate_stage")
+    stages = {"generate_rounds": generate, "score_and_write": generate, "filter_stage": pipeline,
+              "evaluate_stage": pipeline}
     sealed_at_call = {}
 
     def spy_on(name, original):
         def spy(*args, **kwargs):
-            (setup,) = [a for a in args if isinstance(a, pipeline.Setup)]
+            (setup,) = [a for a in args if isinstance(a, Setup)]
             sealed_at_call[name] = privacy.is_sealed(setup.real)
             return original(*args, **kwargs)
         return spy
 
-    for name in stages:
-        monkeypatch.setattr(pipeline, name, spy_on(name, getattr(pipeline, name)))
+    for name, module in stages.items():
+        monkeypatch.setattr(module, name, spy_on(name, getattr(module, name)))
     to_wandb = {}
     monkeypatch.setattr(pipeline.Tracker, "summary", lambda self, values: to_wandb.update(values))
 
@@ -160,7 +163,7 @@ def test_a_leak_after_the_release_fails(tmp_path, monkeypatch):
     def leaky_score(cfg, out_dir, setup, *args, **kwargs):
         return {"real_texts": [ex.text for ex in setup.real]}
 
-    monkeypatch.setattr(pipeline, "score_and_write", leaky_score)
+    monkeypatch.setattr(generate, "score_and_write", leaky_score)
     with pytest.raises(privacy.PrivacyError):
         pipeline.run_job(_dp_job_cfg(tmp_path, "stages=[generate]"), tmp_path / "job")
 

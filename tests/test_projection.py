@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient
+from gradmm.matched import OutputLayerGradient
 from gradmm.projection import (
     MatchingContext,
     allowed_vocabulary,
@@ -56,7 +57,7 @@ def _context(lm, label=1, union_weight=0.0):
     hidden = torch.randn(12, lm.output_weight.shape[1], dtype=lm.dtype)
     targets = [mean_gradient(head.features(hidden[6 * k : 6 * k + 6], torch.full((6,), k))) for k in (0, 1)]
     objective = Objective(targets[label], "cosine", targets[1 - label], union_weight)
-    return MatchingContext(head, [objective], [label], prompt_ids=[657, 436])
+    return MatchingContext(OutputLayerGradient(head), [objective], [label], prompt_ids=[657, 436])
 
 
 def test_matching_lm_without_matching_weight_keeps_the_paper_projection(tiny_lm_factory):

@@ -21,17 +21,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
 
 from gradmm.gradients import GradFeatures, Objective
 from gradmm.models import LM, mean_nll
-from gradmm.projection import (
-    MatchingContext,
-    project_matching_lm,
-    project_nearest,
-    project_topk_lm,
-    sample_sequences,
-)
+from gradmm.projection import MatchingContext, Projector, random_allowed_tokens, sample_sequences
+
+
+@dataclass(frozen=True)
+class AdmmParams:
+    """The x-step's optimiser and the ADMM penalty (docs/method.md section 3). outer_steps=0 keeps
+    the initialisation: the control that shows what the matching adds."""
+
+    rho: float
+    outer_steps: int
+    inner_steps: int
+    lr: float
+    grad_clip: float
+    # Checkpoint the round in progress every this many outer steps.
+    checkpoint_every: int = 1
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """Where a round starts: `method` lm_sample (LM samples restricted to the allowed vocabulary, at
+    `temperature` among the LM's `lm_topk` likeliest) or random (allowed tokens); with `candidates`,
+    that many are drawn and the `batch_size` whose mean gradient best matches the target kept."""
+
+    method: str
+    batch_size: int
+    seq_len: int
+    temperature: float = 1.0
+    lm_topk: int = 50
+    candidates: int | None = None
 
 
 class NumericalFault(RuntimeError):
@@ -78,13 +99,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> torch.Tensor:
     """Each group's matching loss of the continuous embeddings x (G values)."""
-    prompt = lm.input_embeddings[torch.tensor(ctx.prompt_ids, device=x.device)]
-    inputs = torch.cat([x.to(lm.dtype), prompt.expand(x.shape[0], -1, -1)], dim=1)
-    hidden = lm.last_hidden(inputs_embeds=inputs)
-    return ctx.group_losses(ctx.head.features(hidden, ctx.row_labels(len(x), x.device)))
+    return ctx.group_losses(ctx.embedding_features(lm, x))
 
 
-def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictConfig) -> torch.Tensor:
+def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: AdmmParams) -> torch.Tensor:
     """One x-step: a forward and a backward to x (the weights need no gradient), then Adam with each
     group's gradient clipped on its own. Returns the summed loss; a non-finite one leaves x and the
     optimizer untouched for the caller to stop."""
@@ -102,32 +120,27 @@ def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: DictC
     return loss.detach()
 
 
-def initial_tokens(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed: torch.Tensor, prefix_ids,
+def initial_tokens(lm: LM, init: Initialisation, ctx: MatchingContext, allowed: torch.Tensor, prefix_ids,
                    generator) -> torch.Tensor:
     """One group's starting sequences (ctx holds that group alone)."""
-    gen = cfg.generation
-    n_candidates = gen.init_candidates or gen.batch_size
-    if gen.init == "lm_sample":
-        candidates = sample_sequences(
-            lm, n_candidates, gen.seq_len, allowed, prefix_ids,
-            temperature=gen.init_temperature, lm_topk=cfg.projector.lm_topk, generator=generator,
-        )
+    n_candidates = init.candidates or init.batch_size
+    if init.method == "lm_sample":
+        candidates = sample_sequences(lm, n_candidates, init.seq_len, allowed, prefix_ids,
+                                      temperature=init.temperature, lm_topk=init.lm_topk, generator=generator)
     else:
-        allowed_ids = allowed.nonzero().squeeze(-1)
-        picks = torch.randint(len(allowed_ids), (n_candidates, gen.seq_len), generator=generator)
-        candidates = allowed_ids[picks].to(lm.device)
-    if n_candidates == gen.batch_size:
+        candidates = random_allowed_tokens(allowed, n_candidates, init.seq_len, generator).to(lm.device)
+    if n_candidates == init.batch_size:
         return candidates
     with torch.no_grad():
         feats = ctx.features(lm, candidates)
-    return candidates[select_matching_subset(feats, ctx.objectives[0], gen.batch_size)]
+    return candidates[select_matching_subset(feats, ctx.objectives[0], init.batch_size)]
 
 
 def select_matching_subset(feats: GradFeatures, objective: Objective, size: int) -> torch.Tensor:
     """Indices of `size` rows chosen greedily, each the one that most lowers the matching loss of
     those chosen so far (the best subset is a combinatorial search). Every pick scores all remaining
     rows at once from the pairwise Gram sums, as `replacement_distances` does for swaps."""
-    kernel = (feats.a @ feats.a.T) * (feats.h @ feats.h.T)
+    kernel = feats.kernel(feats)
     row_inner = objective.row_inners(feats)
     in_set = torch.zeros(len(feats), dtype=torch.bool, device=kernel.device)
     order: list[int] = []
@@ -142,28 +155,15 @@ def select_matching_subset(feats: GradFeatures, objective: Objective, size: int)
     return torch.tensor(order)
 
 
-def project(lm: LM, cfg: DictConfig, points, current, allowed, ctx, prefix_ids) -> torch.Tensor:
-    proj = cfg.projector
-    if proj.name == "nearest":
-        return project_nearest(lm, points, allowed)
-    if proj.name == "topk_lm":
-        return project_topk_lm(lm, points, allowed, proj.topk, prefix_ids)
-    return project_matching_lm(
-        lm, points, current, allowed, ctx,
-        topk=proj.topk, lm_topk=proj.lm_topk, exact_candidates=proj.exact_candidates,
-        match_weight=proj.match_weight, prefix_ids=prefix_ids,
-    )
-
-
-def start_round(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids,
+def start_round(lm: LM, admm: AdmmParams, init: Initialisation, ctx: MatchingContext, allowed, prefix_ids,
                 generators: list[torch.Generator]) -> RoundState:
     """Each group's initial tokens (from its own generator, so a group starts the same in any batch),
     x = their embeddings, u = 0; recorded as outer step 0."""
     started = time.perf_counter()
-    z = torch.cat([initial_tokens(lm, cfg, ctx.group(g), allowed, prefix_ids, generator)
+    z = torch.cat([initial_tokens(lm, init, ctx.group(g), allowed, prefix_ids, generator)
                    for g, generator in enumerate(generators)])
     x = lm.input_embeddings[z].detach().float().clone()
-    optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=cfg.admm.lr)
+    optimizer = torch.optim.Adam([x.requires_grad_(True)], lr=admm.lr)
     with torch.no_grad():
         distances = ctx.group_losses(ctx.features(lm, z)).tolist()
         log_ppl = _group_means(mean_nll(lm, prefix_ids, z.tolist()), ctx.n_groups)
@@ -182,7 +182,8 @@ def _group_means(values: torch.Tensor, n_groups: int) -> list[float]:
 
 def run_round(
     lm: LM,
-    cfg: DictConfig,
+    admm: AdmmParams,
+    project: Projector,
     ctx: MatchingContext,
     allowed: torch.Tensor,
     prefix_ids: list[int],
@@ -194,11 +195,10 @@ def run_round(
     Returns each group's best iterate.
 
     on_outer_step receives each group's record of each outer step. on_checkpoint receives the state
-    after every `generation.checkpoint_every` outer steps, and after the last finished one when a
+    after every `admm.checkpoint_every` outer steps, and after the last finished one when a
     KeyboardInterrupt (SIGINT, or SIGTERM turned into one) stops the round. A round continued from any
     of these states is bit-identical to an uninterrupted one.
     """
-    admm = cfg.admm
     emb = lm.input_embeddings
     groups = ctx.n_groups
     x = state.x.clone().requires_grad_(True)
@@ -221,7 +221,7 @@ def run_round(
                     raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
                 grad_distance_x = matching_loss_continuous(lm, ctx, x).tolist()
                 projection_started = time.perf_counter()
-                z = project(lm, cfg, x + u, z, allowed, ctx, prefix_ids)
+                z = project(lm, x + u, z, allowed, ctx, prefix_ids)
                 if z.is_cuda:  # kernels run asynchronously: without this the time is the launch's
                     torch.cuda.synchronize(z.device)
                 projection_s = time.perf_counter() - projection_started
@@ -254,7 +254,7 @@ def run_round(
                                 rng_state(lm.device))
             for record in records:
                 on_outer_step(record)
-            if outer < admm.outer_steps and outer % cfg.generation.checkpoint_every == 0:
+            if outer < admm.outer_steps and outer % admm.checkpoint_every == 0:
                 on_checkpoint(latest)
                 saved_step = outer
     except KeyboardInterrupt:

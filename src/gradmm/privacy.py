@@ -127,10 +127,9 @@ def spent_epsilon(sigma: float, delta: float) -> float:
 
 
 def clip(feats: GradFeatures, max_norm: float) -> GradFeatures:
-    """Each example's gradient a_b h_b^T rescaled to Frobenius norm at most max_norm."""
-    norms = feats.a.norm(dim=1) * feats.h.norm(dim=1)
-    scale = (max_norm / norms.clamp_min(1e-30)).clamp(max=1.0)
-    return GradFeatures(feats.a * scale[:, None].to(feats.a.dtype), feats.h)
+    """Each example's gradient rescaled to Frobenius norm at most max_norm."""
+    norms = feats.self_kernel().clamp_min(0).sqrt()
+    return feats.scaled((max_norm / norms.clamp_min(1e-30)).clamp(max=1.0))
 
 
 def secret_generator() -> torch.Generator:
@@ -150,16 +149,18 @@ def release_targets(feats: GradFeatures, labels: list[int], cfg: DictConfig,
     sigma = noise_multiplier(p.epsilon, p.delta)
     sensitivity = p.clip * (2 if p.relation == "replace_one" else 1)
     clipped = clip(feats, p.clip)
-    labels_t = torch.tensor(labels, device=feats.a.device)
+    labels_t = torch.tensor(labels, device=feats.deltas[0].device)
     quotas = class_quotas(cfg.generation.n_real, len(cfg.task.label_names))
     targets = []
     for k, quota in enumerate(quotas):
         members = clipped.select(labels_t == k)
         if len(members) != quota:
             raise ValueError(f"class {k} has {len(members)} real examples, not its public quota {quota}.")
-        total = members.a.T @ members.h
-        noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * (sigma * sensitivity)
-        targets.append((total + noise.to(total)) / quota)
+        noisy = []
+        for total in members.total():
+            noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * (sigma * sensitivity)
+            noisy.append((total + noise.to(total)) / quota)
+        targets.append(noisy)
     facts = {
         "epsilon": p.epsilon,
         "delta": p.delta,

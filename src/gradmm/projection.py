@@ -20,11 +20,12 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
-from gradmm.gradients import GradFeatures, Objective, OutputLayer, replacement_distances
+from gradmm.gradients import GradFeatures, Objective, replacement_distances
 from gradmm.models import LM
 
 _WORD = re.compile(r" [A-Za-z]+")
@@ -55,6 +56,12 @@ def allowed_vocabulary(tokenizer, vocab_rows: int, min_zipf: float = 3.0) -> tor
     mask = torch.zeros(vocab_rows, dtype=torch.bool)
     mask[list(_allowed_ids(tokenizer, min_zipf))] = True
     return mask
+
+
+def random_allowed_tokens(allowed: torch.Tensor, n_rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """n_rows x length tokens drawn uniformly from the allowed vocabulary (on the CPU)."""
+    allowed_ids = allowed.cpu().nonzero().squeeze(-1)
+    return allowed_ids[torch.randint(len(allowed_ids), (n_rows, length), generator=generator)]
 
 
 ChooseFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -137,7 +144,7 @@ class MatchingContext:
     size (a class's round each, optimised side by side), each matched against its own objective.
     Row i belongs to group i // (rows / groups). The groups' losses are independent of each other."""
 
-    head: OutputLayer
+    matched: object  # a gradmm.matched gradient: features(lm, labels, input_ids=..., inputs_embeds=...)
     objectives: list[Objective]
     labels: list[int]
     prompt_ids: list[int]
@@ -147,15 +154,23 @@ class MatchingContext:
         return len(self.objectives)
 
     def group(self, g: int) -> MatchingContext:
-        return MatchingContext(self.head, [self.objectives[g]], [self.labels[g]], self.prompt_ids)
+        return MatchingContext(self.matched, [self.objectives[g]], [self.labels[g]], self.prompt_ids)
 
     def row_labels(self, n_rows: int, device) -> torch.Tensor:
         return torch.tensor(self.labels, device=device).repeat_interleave(n_rows // self.n_groups)
 
     def features(self, lm: LM, text_tokens: torch.Tensor) -> GradFeatures:
         prompt = torch.tensor(self.prompt_ids, device=text_tokens.device).expand(text_tokens.shape[0], -1)
-        hidden = lm.last_hidden(input_ids=torch.cat([text_tokens, prompt], dim=1))
-        return self.head.features(hidden, self.row_labels(len(text_tokens), text_tokens.device))
+        return self.matched.features(lm, self.row_labels(len(text_tokens), text_tokens.device),
+                                     input_ids=torch.cat([text_tokens, prompt], dim=1))
+
+    def embedding_features(self, lm: LM, text_embeddings: torch.Tensor) -> GradFeatures:
+        """Features of continuous text embeddings (prompt appended), differentiable with respect to them
+        unless gradients are off (then a deeper gradient's backward keeps no graph)."""
+        prompt = lm.input_embeddings[torch.tensor(self.prompt_ids, device=text_embeddings.device)]
+        inputs = torch.cat([text_embeddings.to(lm.dtype), prompt.expand(text_embeddings.shape[0], -1, -1)], dim=1)
+        labels = self.row_labels(len(text_embeddings), text_embeddings.device)
+        return self.matched.features(lm, labels, inputs_embeds=inputs, differentiable=torch.is_grad_enabled())
 
     def group_losses(self, feats: GradFeatures) -> torch.Tensor:
         """Each group's matching loss (G values)."""
@@ -167,7 +182,7 @@ class MatchingContext:
     def replacement_losses(self, feats: GradFeatures, candidates: GradFeatures, rows: torch.Tensor) -> torch.Tensor:
         """The loss of row rows[j]'s group after that row is replaced with candidate j, for every j."""
         size = len(feats) // self.n_groups
-        losses = torch.empty(len(rows), dtype=feats.a.dtype, device=feats.a.device)
+        losses = torch.empty(len(rows), dtype=feats.deltas[0].dtype, device=rows.device)
         for g, objective in enumerate(self.objectives):
             mine = (rows // size == g).nonzero().squeeze(-1)
             if len(mine):
@@ -179,42 +194,43 @@ class MatchingContext:
         """d(matching loss)/d(input embedding) at each text position: B x L x d (one backward)."""
         with torch.enable_grad():
             emb = lm.input_embeddings[text_tokens].detach().requires_grad_(True)
-            prompt = lm.input_embeddings[torch.tensor(self.prompt_ids, device=emb.device)]
-            inputs = torch.cat([emb, prompt.expand(emb.shape[0], -1, -1)], dim=1)
-            hidden = lm.last_hidden(inputs_embeds=inputs)
-            loss = self.group_losses(self.head.features(hidden, self.row_labels(len(emb), emb.device))).sum()
+            loss = self.group_losses(self.embedding_features(lm, emb)).sum()
             (grad,) = torch.autograd.grad(loss, emb)
         return grad
 
 
 class _MatchingScorer:
-    """Features of B sequences under edits at one position, with the KV cache of the whole current
-    sequences (matching input: text then prompt, no lm_prefix) kept so that a candidate at position t
-    only runs positions t.. through the model. The decided positions < t are shared by every candidate
-    of a row, and positions > t still hold `current`, so nothing else can be reused."""
+    """Features of B sequences under edits at one position. For the output layer, the KV cache of the
+    whole current sequences (matching input: text then prompt, no lm_prefix) is kept so that a
+    candidate at position t only runs positions t.. through the model: the decided positions < t are
+    shared by every candidate of a row, and positions > t still hold `current`. A deeper matched
+    gradient depends on every position's backward signal, so its candidates run whole."""
 
     def __init__(self, lm: LM, ctx: MatchingContext, tokens: torch.Tensor):
         self.lm, self.ctx = lm, ctx
+        self.cached = ctx.matched.reuses_prefix_cache
         self.prompt = torch.tensor(ctx.prompt_ids, device=tokens.device)
         self.labels = ctx.row_labels(len(tokens), tokens.device)
         self.feats, self.kv = self.run(tokens, torch.arange(tokens.shape[0], device=tokens.device), 0)
 
     def run(self, tokens: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[GradFeatures, list]:
         """Features of `tokens` (N x L), whose positions < t equal those of rows `rows` of the cache."""
+        ids = torch.cat([tokens, self.prompt.expand(len(tokens), -1)], dim=1)
+        if not self.cached:
+            return self.ctx.matched.features(self.lm, self.labels[rows], input_ids=ids), []
         config = self.lm.model.config
         if t == 0:
             cache = DynamicCache(config=config)
         else:
             cache = DynamicCache([(k[rows, :, :t], v[rows, :, :t]) for k, v in self.kv], config=config)
-        ids = torch.cat([tokens[:, t:], self.prompt.expand(len(tokens), -1)], dim=1)
         with self.lm.autocast():
-            hidden = self.lm.decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[:, -1]
-        labels = self.labels[rows]
-        return self.ctx.head.features(hidden, labels), [(layer.keys, layer.values) for layer in cache.layers]
+            hidden = self.lm.decoder(input_ids=ids[:, t:], cache=cache, use_cache=True).last_hidden_state[:, -1]
+        return self.ctx.matched.head.features(hidden, self.labels[rows]), [(layer.keys, layer.values)
+                                                                             for layer in cache.layers]
 
     def accept(self, rows: torch.Tensor, feats: GradFeatures, kv: list, picks: torch.Tensor) -> None:
         """Rows `rows` now hold the sequences that produced entries `picks` of (feats, kv)."""
-        self.feats.a[rows], self.feats.h[rows] = feats.a[picks], feats.h[picks]
+        self.feats.assign(rows, feats, picks)
         for (k, v), (k_new, v_new) in zip(self.kv, kv, strict=True):
             k[rows], v[rows] = k_new[picks], v_new[picks]
 
@@ -296,6 +312,47 @@ def project_matching_lm(
         return chosen[:, t]
 
     return decode(lm, prefix_ids, n_rows, length, choose)
+
+
+class Projector(Protocol):
+    """z = Project(x + u): tokens for `points` (B x L x d), given the current tokens and the context."""
+
+    def __call__(self, lm: LM, points: torch.Tensor, current: torch.Tensor, allowed: torch.Tensor,
+                 ctx: MatchingContext, prefix_ids: list[int]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """The nearest allowed token by cosine; no LM."""
+
+    def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
+        return project_nearest(lm, points, allowed)
+
+
+@dataclass(frozen=True)
+class TopkLM:
+    """The paper's: among the top-k allowed tokens by cosine, the LM's favourite."""
+
+    topk: int = 200
+
+    def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
+        return project_topk_lm(lm, points, allowed, self.topk, prefix_ids)
+
+
+@dataclass(frozen=True)
+class MatchingLM:
+    """topk_lm's candidates that the LM also likes, scored by LM log-probability minus match_weight x the
+    exact change of the discrete matching loss (project_matching_lm)."""
+
+    topk: int = 200
+    lm_topk: int = 50
+    exact_candidates: int = 4
+    match_weight: float = 5000.0
+
+    def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
+        return project_matching_lm(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,
+                                   exact_candidates=self.exact_candidates, match_weight=self.match_weight,
+                                   prefix_ids=prefix_ids)
 
 
 def sample_sequences(
