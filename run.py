@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from gradmm.config import register_configs
-from gradmm.pipeline import main as run_pipeline
+from gradmm.cli import main as run_pipeline
+from gradmm.schemas import register_configs
 from gradmm.sweeps import sweep_job
 
 register_configs()

@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from gradmm.config import register_configs
 from gradmm.models import load_lm
+from gradmm.schemas import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

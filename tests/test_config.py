@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from gradmm.config import ConfigError, validate
+from gradmm.validation import ConfigError, validate
 
 
 def _options(group):
@@ -62,7 +62,7 @@ def test_unknown_group_option_lists_the_choices():
 BAD = [
     ("admm.rho=0", "admm.rho"),
     ("admm.rho=-1", "admm.rho"),
-    ("admm.outer_steps=0", "admm.outer_steps"),
+    ("admm.outer_steps=-1", "admm.outer_steps"),
     ("admm.inner_steps=-2", "admm.inner_steps"),
     ("admm.lr=0", "admm.lr"),
     ("admm.grad_clip=0", "admm.grad_clip"),

@@ -7,7 +7,8 @@ from conftest import CONF_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmm.config import NON_SCIENCE_KEYS, Config, science_config, science_hash
+from gradmm.identity import NON_SCIENCE_KEYS, science_config, science_hash
+from gradmm.schemas import Config
 
 BASE = science_hash(compose_config(TINY))
 

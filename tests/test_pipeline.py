@@ -109,7 +109,7 @@ def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):
 
 def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(tiny_cfg, monkeypatch):
     import gradmm.pipeline as pipeline
-    from gradmm.config import ConfigError
+    from gradmm.validation import ConfigError
 
     monkeypatch.setattr(pipeline, "load_lm", lambda *a, **k: pytest.fail("model loaded"))
     tiny_cfg.projector.topk = 10_000_000

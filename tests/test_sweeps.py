@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
+import gradmm.generate as generate
 import gradmm.pipeline as pipeline
 from gradmm import sweeps, target_cache
 from gradmm.artifacts import read_jsonl
@@ -37,13 +38,13 @@ def cached_cfg(tiny_cfg, tmp_path):
 
 def _counting_compute_targets(monkeypatch) -> list:
     calls = []
-    original = pipeline.compute_targets
+    original = generate.compute_targets
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "compute_targets", counted)
+    monkeypatch.setattr(generate, "compute_targets", counted)
     return calls
 
 
@@ -183,7 +184,7 @@ def test_a_single_run_still_raises():
 
 
 def test_sweeper_direction_must_agree_with_the_objective():
-    from gradmm.config import ConfigError, validate
+    from gradmm.validation import ConfigError, validate
 
     cfg = _with_hydra([*TINY, "hydra/sweeper=search", "objective.direction=maximize",
                        "hydra.sweeper.direction=minimize"], "MULTIRUN")

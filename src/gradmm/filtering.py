@@ -22,7 +22,7 @@ from gradmm.models import LM
 from gradmm.tracking import Tracker
 
 if TYPE_CHECKING:
-    from gradmm.pipeline import Setup
+    from gradmm.inputs import Setup
 
 _WORDS = re.compile(r"[a-z0-9']+")
 

@@ -38,7 +38,7 @@ from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
 from gradmm.tracking import Tracker
 
 if TYPE_CHECKING:
-    from gradmm.pipeline import Setup
+    from gradmm.inputs import Setup
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gradmm.config import split_path
-
 
 @dataclass(frozen=True)
 class Example:
@@ -77,6 +75,39 @@ def load_split(cfg: DictConfig, split: str) -> list[Example]:
             label = remap[label]
         examples.append(Example(text=row["text"], label=label, index=i))
     return examples
+
+
+def split_path(cfg: DictConfig, split: str) -> Path | None:
+    """<paths.data_dir>/<task.data_name>/<split>.jsonl, or None when the split comes from the hub."""
+    if cfg.paths.data_dir is None:
+        return None
+    return Path(cfg.paths.data_dir) / cfg.task.data_name / f"{split}.jsonl"
+
+
+class DataFileError(ValueError):
+    """A data file that is missing or has a row that is not a labelled text."""
+
+
+def label_counts(path: Path, n_labels: int) -> dict[int, int]:
+    """How many rows of each label a split file holds; DataFileError at its first unusable row."""
+    if not path.is_file():
+        raise DataFileError(f"data file {path} does not exist (paths.data_dir={path.parent.parent}).")
+    counts: dict[int, int] = {}
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                text, label = row["text"], row["label"]
+                if not isinstance(text, str) or not isinstance(label, int):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataFileError(
+                    f"{path}:{line_no} is not a JSON object with a string 'text' and an integer 'label'."
+                ) from None
+            if not 0 <= label < n_labels:
+                raise DataFileError(f"{path}:{line_no} has label {label}, outside 0..{n_labels - 1}.")
+            counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -1,272 +1,22 @@
-"""Typed config schemas, registered in Hydra's ConfigStore, and the up-front validation.
+"""Up-front validation: every problem of a config at once, before any model is loaded.
 
-Every YAML file under conf/ merges into these dataclasses, so an unknown key or a wrong type fails at
-composition. Cross-field rules that a type cannot express live in `validate`, which reports every
-problem at once and runs before any model is loaded.
+`validate` checks the config and the data files (cheap: reads files, loads no model);
+`check_tokenizer` adds what only the tokenizer can tell.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import secrets
-import time
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-
-@dataclass
-class TaskConfig:
-    name: str = MISSING
-    # Folder under paths.data_dir (and the default hub dataset) holding the splits.
-    data_name: str = MISSING
-    hub_id: Optional[str] = None
-    hub_config: Optional[str] = None
-    label_names: list[str] = MISSING
-    # Source label ids kept, in the order of label_names; None keeps all, unchanged.
-    source_labels: Optional[list[int]] = None
-    prompt: str = MISSING
-    label_words: list[str] = MISSING
-    # Context that the LM reads before a synthetic text when scoring its readability; never part of
-    # the classifier's input.
-    lm_prefix: str = "\n"
-    # Split names as the hub dataset spells them, where they differ from the local files'.
-    hub_splits: dict[str, str] = field(default_factory=dict)
-    train_split: str = "train"
-    eval_split: str = "validation"
-    max_text_tokens: int = 128
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    # gguf_package: a GGUF file shipped inside an installed Python package; hub: from_pretrained;
-    # tiny: random weights from the fields below, with the tokenizer of `package` (or `hub_id`).
-    source: str = MISSING
-    package: Optional[str] = None
-    gguf_file: Optional[str] = None
-    hub_id: Optional[str] = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attn_implementation: Optional[str] = None
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 64
-    tie_word_embeddings: bool = True
-    init_seed: int = 0
-    # Speed options, for CUDA: torch.compile of the transformer, and autocast of its matmuls to
-    # bfloat16/float16 (null: off; ignored off CUDA) with float32 weights (model.dtype=float32).
-    compile: bool = False
-    autocast: Optional[str] = None
-
-
-@dataclass
-class AdmmConfig:
-    rho: float = 0.5
-    outer_steps: int = 10
-    inner_steps: int = 10
-    lr: float = 0.008
-    grad_clip: float = 1.0
-
-
-@dataclass
-class ProjectorConfig:
-    name: str = "matching_lm"
-    topk: int = 200
-    # matching_lm: how many of the LM's most likely next tokens may be chosen, how many of those are
-    # scored exactly by the matching loss per row and position, and how many nats one unit of
-    # matching-loss decrease is worth.
-    lm_topk: int = 50
-    exact_candidates: int = 4
-    match_weight: float = 5000.0
-
-
-@dataclass
-class GenerationConfig:
-    n_real: int = 50
-    rounds: int = 1
-    batch_size: int = 8
-    seq_len: int = 16
-    # lm_sample: sequences sampled from the LM (readable start); random: random allowed tokens.
-    init: str = "lm_sample"
-    init_temperature: float = 1.0
-    # Draw this many initial sequences (null: batch_size) in one batched decode and start from the
-    # batch_size whose mean gradient best matches the target: a better start for the same ADMM budget.
-    init_candidates: Optional[int] = None
-    # Optimise this many rounds (of any classes) side by side in one batch of rounds_per_batch x
-    # batch_size sequences: the same results (up to float rounding) in fewer, larger model calls, which
-    # an accelerator runs in about the time of one. A NaN restarts every round of its batch.
-    rounds_per_batch: int = 1
-    # Save the batch in progress every N outer steps (finished rounds are always saved).
-    checkpoint_every: int = 1
-    # A round whose loss or embeddings turn NaN/inf restarts from a fresh initialisation this often,
-    # then is recorded as failed while the other rounds go on.
-    max_restarts: int = 2
-
-
-@dataclass
-class MatchingConfig:
-    loss: str = "label_words"
-    distance: str = "cosine"
-    # Weight of the class-balanced union's distance next to each class's own (gradients.Objective).
-    union_weight: float = 0.0
-
-
-@dataclass
-class PrivacyConfig:
-    # none, or dp: per-class targets released with the Gaussian mechanism (gradmm.privacy).
-    name: str = "none"
-    epsilon: float = 1.0
-    delta: float = 1e-5
-    clip: float = 1.0
-    relation: str = "add_remove"
-
-
-@dataclass
-class DataConfig:
-    # An earlier job directory whose synthetic(_filtered).jsonl the filter/evaluate stages read when
-    # this job does not generate.
-    synthetic_from: Optional[str] = None
-
-
-@dataclass
-class FilterConfig:
-    n_per_class: int = 8
-    # zero_shot / few_shot: drop texts the model, as a classifier (few_shot: after few_shot_k of the
-    # generator's real examples as demonstrations), assigns to another class; none: keep them.
-    classifier: str = "zero_shot"
-    few_shot_k: int = 4
-    near_duplicate: float = 0.8
-    log_ppl_weight: float = 0.0
-
-
-@dataclass
-class EvaluateConfig:
-    # What the model is fine-tuned on, and the references computed next to it.
-    train_on: str = "synthetic_filtered"
-    baselines: list[str] = field(default_factory=lambda: ["zero_shot"])
-    n_train: int = 100
-    steps: int = 30
-    batch_size: int = 16
-    lrs: list[float] = field(default_factory=lambda: [1e-5])
-    eval_every: int = 10
-    seeds: list[int] = field(default_factory=lambda: [0])
-    n_dev: int = 100
-    few_shot_k: int = 4
-    # Evaluate on a seeded stratified sample of the evaluation split (null: all of it).
-    max_eval: Optional[int] = None
-    # full: every weight trains; lora: low-rank adapters on every linear layer (the `lora` extra).
-    method: str = "full"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-
-
-@dataclass
-class TrackerConfig:
-    # online falls back to offline when no W&B API key is configured.
-    mode: str = "online"
-    project: str = "gradmm"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PathsConfig:
-    # None reads datasets from the Hugging Face hub; a folder reads <data_dir>/<task>/<split>.jsonl.
-    data_dir: Optional[str] = None
-    output_root: str = "outputs"
-    cache_dir: str = "${oc.env:GRADMM_CACHE,${oc.env:HOME}/.cache/gradmm}"
-    # Per-class target gradients shared by the jobs of a sweep (gradmm.target_cache): on a cluster, a
-    # filesystem every job sees.
-    target_cache_dir: str = "${paths.cache_dir}/targets"
-
-
-@dataclass
-class ObjectiveConfig:
-    # The summary.json value run.py returns to a sweeper (hydra/sweeper=search optimises it), and
-    # which way is better; a failed or NaN job returns the worst value so the sweep carries on.
-    metric: str = "grad_distance_set"
-    direction: str = "minimize"
-
-
-@dataclass
-class Config:
-    seed: int = 0
-    validate_only: bool = False
-    stages: list[str] = field(default_factory=lambda: ["generate", "filter", "evaluate"])
-    # Re-running a config continues its earlier job directory; false starts over in a new one.
-    resume: bool = True
-    task: TaskConfig = MISSING
-    model: ModelConfig = MISSING
-    admm: AdmmConfig = field(default_factory=AdmmConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    matching: MatchingConfig = field(default_factory=MatchingConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    # Reuse per-class targets stored under paths.cache_dir by earlier jobs (gradmm.target_cache);
-    # reading them back gives the same tensors, so this is not part of the science config.
-    cache_targets: bool = True
-
-
-# The keys that do not change what a job computes: how it runs, where it writes, what it reports and
-# how often it saves. The job directory is named after a hash of every other key, so re-running the
-# same science finds its earlier work, and different science never shares a directory (a new key is
-# science until it is listed here). `stages` says how much of the job to do, not what any stage makes;
-# rounds_per_batch how many rounds share a model call (the same rounds, up to float rounding), so a job
-# can resume with another batching that fits its memory.
-NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
-                    "generation.checkpoint_every", "generation.rounds_per_batch")
-
-
-def science_config(cfg: DictConfig) -> dict:
-    """cfg resolved, without hydra's node and NON_SCIENCE_KEYS."""
-    science = {
-        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        for key, value in cfg.items_ex(resolve=True)
-        if key != "hydra" and key not in NON_SCIENCE_KEYS
-    }
-    for key in NON_SCIENCE_KEYS:
-        *parents, leaf = key.split(".")
-        node = science
-        for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
-    return science
-
-
-def science_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(science_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _run_id(*, _root_: DictConfig) -> str:
-    run_id = science_hash(_root_)
-    if not _root_.get("resume", True):
-        # Unique even for jobs started in the same second.
-        run_id += f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    return run_id
-
-
-def register_configs() -> None:
-    ConfigStore.instance().store(name="config_schema", node=Config)
-    if not OmegaConf.has_resolver("run_id"):
-        OmegaConf.register_new_resolver("run_id", _run_id)
-
-
-register_configs()
+from gradmm.matched import MATCHED_GRADIENTS
+from gradmm.projection import allowed_vocabulary
+from gradmm.sweeps import in_multirun
+from gradmm.tasks import DataFileError, Verbalizer, label_counts, split_path
 
 PROJECTORS = ("nearest", "topk_lm", "matching_lm")
 MODEL_SOURCES = ("gguf_package", "hub", "tiny")
@@ -310,37 +60,6 @@ def _positive(problems: list[str], key: str, value: Any) -> None:
         problems.append(f"{key}={value!r} must be positive.")
 
 
-def split_path(cfg: DictConfig, split: str) -> Optional[Path]:
-    if cfg.paths.data_dir is None:
-        return None
-    return Path(cfg.paths.data_dir) / cfg.task.data_name / f"{split}.jsonl"
-
-
-def _check_data_file(problems: list[str], path: Path, n_labels: int) -> dict[int, int]:
-    """Returns label counts, or {} after recording why the file is unusable."""
-    if not path.is_file():
-        problems.append(f"data file {path} does not exist (paths.data_dir={path.parent.parent}).")
-        return {}
-    counts: dict[int, int] = {}
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                text, label = row["text"], row["label"]
-                if not isinstance(text, str) or not isinstance(label, int):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                problems.append(
-                    f"{path}:{line_no} is not a JSON object with a string 'text' and an integer 'label'."
-                )
-                return {}
-            if not 0 <= label < n_labels:
-                problems.append(f"{path}:{line_no} has label {label}, outside 0..{n_labels - 1}.")
-                return {}
-            counts[label] = counts.get(label, 0) + 1
-    return counts
-
-
 def validate(cfg: DictConfig) -> None:
     """Raises ConfigError listing every problem; cheap (reads data files, loads no model)."""
     problems: list[str] = []
@@ -357,6 +76,15 @@ def validate(cfg: DictConfig) -> None:
             )
     _choice(problems, "projector.name", proj.name, PROJECTORS)
     _choice(problems, "matching.loss", cfg.matching.loss, MATCHING_LOSSES)
+    _choice(problems, "matching.kind", cfg.matching.kind, tuple(MATCHED_GRADIENTS))
+    if cfg.matching.kind in ("parameters", "lora") and not cfg.matching.modules:
+        problems.append(f"matching.kind={cfg.matching.kind} needs matching.modules: regular expressions over "
+                        r"module names, e.g. ['model\.layers\.(13|14)\.mlp\.\w+'].")
+    for pattern in cfg.matching.modules:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            problems.append(f"matching.modules: {pattern!r} is not a regular expression ({error}).")
     _choice(problems, "matching.distance", cfg.matching.distance, DISTANCES)
     if isinstance(cfg.matching.union_weight, (int, float)) and cfg.matching.union_weight < 0:
         problems.append(f"matching.union_weight={cfg.matching.union_weight} must be >= 0 (0: each class alone).")
@@ -368,8 +96,11 @@ def validate(cfg: DictConfig) -> None:
             f"{gen.batch_size} (or null: no selection)."
         )
 
-    for key in ("admm.rho", "admm.outer_steps", "admm.inner_steps", "admm.lr", "admm.grad_clip"):
+    for key in ("admm.rho", "admm.inner_steps", "admm.lr", "admm.grad_clip", "matching.lora_rank"):
         _positive(problems, key, OmegaConf.select(cfg, key))
+    # 0 outer steps keeps the initialisation: the LM-samples control of the matching.
+    if isinstance(cfg.admm.outer_steps, int) and cfg.admm.outer_steps < 0:
+        problems.append(f"admm.outer_steps={cfg.admm.outer_steps} must be >= 0 (0: the initial samples alone).")
     for key in ("generation.n_real", "generation.rounds", "generation.rounds_per_batch", "generation.batch_size",
                 "generation.seq_len",
                 "generation.init_temperature", "generation.checkpoint_every", "projector.topk", "projector.lm_topk",
@@ -454,7 +185,10 @@ def validate(cfg: DictConfig) -> None:
     counts: dict[int, int] = {}
     if cfg.paths.data_dir is not None:
         source_n_labels = n_labels if task.source_labels is None else max(task.source_labels) + 1
-        counts = _check_data_file(problems, split_path(cfg, task.train_split), max(source_n_labels, 64))
+        try:
+            counts = label_counts(split_path(cfg, task.train_split), max(source_n_labels, 64))
+        except DataFileError as error:
+            problems.append(str(error))
         if counts and isinstance(gen.n_real, int) and gen.n_real > 0:
             kept = task.source_labels if task.source_labels is not None else range(n_labels)
             per_class = -(-gen.n_real // n_labels)
@@ -472,18 +206,32 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def check_tokenizer(cfg: DictConfig, tokenizer) -> Verbalizer:
+    """The task's verbalizer for this tokenizer; raises ConfigError listing every tokenizer-level problem
+    (label words, vocabulary sizes), so they surface before the model is loaded."""
+    problems = []
+    verbalizer = None
+    try:
+        verbalizer = Verbalizer.build(cfg.task, tokenizer)
+    except ValueError as error:
+        problems.append(str(error))
+    n_allowed = len(allowed_vocabulary(tokenizer, len(tokenizer)).nonzero())
+    if cfg.projector.topk > n_allowed:
+        problems.append(
+            f"projector.topk={cfg.projector.topk} is larger than the allowed vocabulary ({n_allowed} tokens)."
+        )
+    if cfg.projector.lm_topk > len(tokenizer):
+        problems.append(f"projector.lm_topk={cfg.projector.lm_topk} is larger than the vocabulary ({len(tokenizer)}).")
+    if problems:
+        raise ConfigError(problems)
+    return verbalizer
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
-
-def _sweeper_direction() -> Optional[str]:
+def _sweeper_direction() -> str | None:
     """The direction an optimising sweeper (Optuna) was configured with, if any."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not _in_multirun():
+    if not in_multirun():
         return None
     direction = HydraConfig.get().sweeper.get("direction")
     return direction if isinstance(direction, str) else None
@@ -494,7 +242,7 @@ def _check_objective(problems: list[str], cfg: DictConfig) -> None:
     _choice(problems, "objective.metric", metric, tuple(OBJECTIVES))
     _choice(problems, "objective.direction", cfg.objective.direction, DIRECTIONS)
     # Only a sweep reads the objective; a single run of other stages need not produce it.
-    if metric in OBJECTIVES and OBJECTIVES[metric] not in cfg.stages and _in_multirun():
+    if metric in OBJECTIVES and OBJECTIVES[metric] not in cfg.stages and in_multirun():
         problems.append(f"objective.metric={metric!r} is written by the {OBJECTIVES[metric]} stage, "
                         f"which stages={list(cfg.stages)} does not run.")
     sweeper_direction = _sweeper_direction()

@@ -1,0 +1,241 @@
+"""The generate stage: per-class targets, then every (class, round) batch of synthetic sequences, with
+restarts after numerical faults and checkpoints that let a killed job resume where it stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+
+import hydra.utils
+import torch
+from accelerate import PartialState
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from gradmm import artifacts, privacy
+from gradmm.admm import AdmmParams, Initialisation, NumericalFault, RoundState, run_round, start_round
+from gradmm.gradients import Gradient, Objective, OutputLayer, class_targets, vsum
+from gradmm.inputs import Setup
+from gradmm.matched import build_matched_gradient, text_features
+from gradmm.models import LM, resolve_device
+from gradmm.projection import MatchingContext, Projector, allowed_vocabulary
+from gradmm.scoring import score_and_write
+from gradmm.target_cache import cached_targets
+from gradmm.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def matched_gradient(cfg: DictConfig, setup: Setup, lm: LM):
+    """The gradient generation matches (matching.kind), of the loss over the label words' rows or the
+    whole vocabulary's. A deeper one needs second-order autograd through attention: eager attention."""
+    m = cfg.matching
+    head = OutputLayer.build(lm.output_weight, lm.output_bias, setup.verbalizer.label_token_ids, m.loss)
+    matched = build_matched_gradient(lm, head, m.kind, list(m.modules), m.lora_rank, m.lora_seed)
+    if matched.second_order and lm.model.config._attn_implementation != "eager":
+        log.info("matching %s: switching attention to eager for second-order autograd", matched.describe())
+        lm.model.set_attn_implementation("eager")
+    return matched
+
+
+def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
+    head = matched_gradient(cfg, setup, lm)
+    targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
+    # From here on only the (noisy, under privacy=dp) targets and public configuration are readable.
+    privacy.seal(setup.real)
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
+    if not processes(cfg).is_main_process:
+        return {}
+    summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
+    return {**summary, **({"privacy": release} if release else {})}
+
+
+def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head) -> tuple[list, dict]:
+    """Per class, the mean matched gradient of the real examples of that class, or its private
+    release under privacy=dp (with the release's facts: noise multiplier, spent epsilon, ...). Each
+    call under privacy=dp is a fresh release that spends the budget again: the target cache is what
+    makes re-runs, resumed jobs and other processes reuse one."""
+    labels = [ex.label for ex in setup.real]
+    inputs = setup.verbalizer.encode(lm.tokenizer, [ex.text for ex in setup.real])
+    feats = text_features(lm, head, inputs, labels)
+    n_classes = len(cfg.task.label_names)
+    if cfg.privacy.name == "dp":
+        release = privacy.release_targets(feats, labels, cfg, privacy.secret_generator())
+        return release.targets, release.facts
+    return class_targets(feats, labels, n_classes), {}
+
+
+def processes(cfg: DictConfig) -> PartialState:
+    """This process's place under `accelerate launch` (a single process otherwise)."""
+    return PartialState(cpu=resolve_device(cfg.model.device).type == "cpu")
+
+
+def generate_rounds(cfg, setup: Setup, lm: LM, head, targets, allowed, tracker: Tracker, out_dir: Path):
+    """Every (class, round) batch of synthetic sequences, as output rows (text, label, round), and
+    the rounds that failed. Rounds run `generation.rounds_per_batch` at a time, side by side. Finished
+    rounds and the batch in progress live in out_dir/rounds/, so a re-run continues where the last one
+    stopped, with identical results.
+
+    Under `accelerate launch` each process runs its share of the unfinished batches; the main process
+    then collects all of them, and the others get ([], [])."""
+    task, gen = cfg.task, cfg.generation
+    procs = processes(cfg)
+    rounds_dir = out_dir / "rounds"
+    rounds_dir.mkdir(exist_ok=True)
+    jobs = [(k, r) for k in range(len(task.label_names)) for r in range(gen.rounds)]
+    unfinished = [job for job in jobs if _load_round(rounds_dir, *job) is None]
+    # A batch finishes all its rounds at once, so a re-run that finds the same unfinished rounds makes the
+    # same batches and finds their checkpoints under the same names.
+    pending = [unfinished[i : i + gen.rounds_per_batch] for i in range(0, len(unfinished), gen.rounds_per_batch)]
+    if procs.is_main_process:
+        # Checkpoints that a killed job was writing when it died, and those of batches made otherwise
+        # (another rounds_per_batch, or a job killed while it saved a batch's rounds).
+        current = {_checkpoint_path(rounds_dir, batch) for batch in pending}
+        for orphan in [*rounds_dir.glob(".*.tmp"), *(p for p in rounds_dir.glob("*.state.pt") if p not in current)]:
+            orphan.unlink()
+        _rewrite_metrics(tracker, rounds_dir, jobs, pending)
+    # Every process lists the unfinished batches before any process saves one: all split the same list.
+    procs.wait_for_everyone()
+    with procs.split_between_processes(pending) as mine:
+        for batch in tqdm(mine, desc="rounds", unit="batch", disable=not procs.is_main_process):
+            _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, batch)
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        return [], []
+    done = {job: _load_round(rounds_dir, *job) for job in jobs}
+    _rewrite_metrics(tracker, rounds_dir, jobs, [])
+    rows = [row for job in jobs for row in done[job]["rows"]]
+    failed = [{"class": job[0], "round": job[1], "error": done[job]["failed"]}
+              for job in jobs if done[job].get("failed")]
+    return rows, failed
+
+
+def class_objective(cfg: DictConfig, targets: list[Gradient], k: int) -> Objective:
+    others = vsum([t for j, t in enumerate(targets) if j != k])
+    return Objective(targets[k], cfg.matching.distance, others, cfg.matching.union_weight)
+
+
+def round_settings(cfg: DictConfig) -> tuple[AdmmParams, Initialisation, Projector]:
+    """The plain values a round runs on: ADMM's, the initialisation's, and the projector built from its
+    yaml's _target_ with the settings that class declares."""
+    gen, proj = cfg.generation, cfg.projector
+    admm = AdmmParams(**cfg.admm, checkpoint_every=gen.checkpoint_every)
+    init = Initialisation(gen.init, gen.batch_size, gen.seq_len, gen.init_temperature, proj.lm_topk,
+                          gen.init_candidates)
+    projector_class = hydra.utils.get_class(proj._target_)
+    settings = OmegaConf.to_container(proj)
+    projector = projector_class(**{f.name: settings[f.name] for f in dataclasses.fields(projector_class)})
+    return admm, init, projector
+
+
+def _round_path(rounds_dir: Path, k: int, r: int) -> Path:
+    return rounds_dir / f"class{k}_round{r}.json"
+
+
+def _checkpoint_path(rounds_dir: Path, batch: list[tuple[int, int]]) -> Path:
+    """Named after the batch's rounds: class0_round3 alone, class0_round3-class1_round0 for a run of them."""
+    (k0, r0), (k1, r1) = batch[0], batch[-1]
+    stem = f"class{k0}_round{r0}" + (f"-class{k1}_round{r1}" if len(batch) > 1 else "")
+    return rounds_dir / f"{stem}.state.pt"
+
+
+def _load_round(rounds_dir: Path, k: int, r: int) -> dict | None:
+    finished = _round_path(rounds_dir, k, r)
+    return json.loads(finished.read_text()) if finished.is_file() else None
+
+
+def _load_checkpoint(state_path: Path) -> dict:
+    """The batch in progress: its attempt number, the faults of earlier attempts, and its RoundState
+    (None right after a fault: the attempt starts from its fresh initialisation)."""
+    if state_path.is_file():
+        return torch.load(state_path, weights_only=False)
+    return {"attempt": 0, "faults": [], "state": None}
+
+
+def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: RoundState | None) -> None:
+    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": state})
+
+
+def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, pending) -> None:
+    """metrics.jsonl holds exactly the outer steps that survive in saved rounds and in the checkpoints
+    of the `pending` batches, in job order: steps recomputed after a resume, or by another process, are
+    logged once."""
+    in_progress = {}
+    for batch in pending:
+        state = _load_checkpoint(_checkpoint_path(rounds_dir, batch))["state"]
+        for g, job in enumerate(batch):
+            in_progress[job] = [_without_group(rec) for rec in (state.records if state else []) if rec["group"] == g]
+    records = []
+    for k, r in jobs:
+        saved = _load_round(rounds_dir, k, r)
+        records += [{"class": k, "round": r, **rec} for rec in (saved["records"] if saved else in_progress[k, r])]
+    artifacts.write_jsonl(tracker.metrics_path, records)
+
+
+def _without_group(record: dict) -> dict:
+    """A group's record as its round reports it: the group index only means something inside a batch."""
+    return {key: value for key, value in record.items() if key != "group"}
+
+
+def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, batch) -> None:
+    task, max_attempts = cfg.task, cfg.generation.max_restarts + 1
+    state_path = _checkpoint_path(rounds_dir, batch)
+    ctx = MatchingContext(head, [class_objective(cfg, targets, k) for k, _ in batch], [k for k, _ in batch],
+                          setup.verbalizer.prompt_ids)
+    admm, init, projector = round_settings(cfg)
+    names = ", ".join(f"{task.label_names[k]} round {r}" for k, r in batch)
+    steps = tqdm(total=cfg.admm.outer_steps, desc=names, leave=False, disable=not processes(cfg).is_main_process)
+
+    def on_outer_step(record):
+        k, r = batch[record["group"]]
+        tracker.log({"class": k, "round": r, **_without_group(record)})
+        if record["group"] == len(batch) - 1:
+            steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
+            steps.update()
+
+    checkpoint = _load_checkpoint(state_path)
+    attempt, faults, state = checkpoint["attempt"], checkpoint["faults"], checkpoint["state"]
+    while attempt < max_attempts:
+        if state is None:
+            # Each round seeded by (seed, class, round, attempt) alone, so rounds are independent of each
+            # other, of the order they run in, of the batch they share and of the process that runs them.
+            seeds = [cfg.seed * 1_000_003 + k * 1_009 + r * 17 + attempt for k, r in batch]
+            torch.manual_seed(seeds[0])
+            state = start_round(lm, admm, init, ctx, allowed, setup.prefix_ids,
+                                [torch.Generator().manual_seed(seed) for seed in seeds])
+            # Saved before it is logged, like every later step: whatever metrics.jsonl shows survives a kill.
+            _save_checkpoint(state_path, attempt, faults, state)
+            for record in state.records:
+                k, r = batch[record["group"]]
+                tracker.log({"class": k, "round": r, **_without_group(record)})
+        else:
+            steps.update(state.next_step - 1 - steps.n)
+        try:
+            results = run_round(lm, admm, projector, ctx, allowed, setup.prefix_ids, state, on_outer_step,
+                                functools.partial(_save_checkpoint, state_path, attempt, faults))
+            break
+        except NumericalFault as fault:
+            # The batch's rounds share one optimiser state, so all of them restart.
+            faults.append(f"attempt {attempt + 1} of {max_attempts}: {fault}")
+            log.warning("%s: %s", names, faults[-1])
+            attempt, state = attempt + 1, None
+            steps.reset()
+            # A job killed now resumes with the next attempt, as this one would have gone on.
+            _save_checkpoint(state_path, attempt, faults, None)
+    steps.close()
+    for g, (k, r) in enumerate(batch):
+        if attempt == max_attempts:
+            log.warning("class %s round %d failed %d times; the others go on", task.label_names[k], r, attempt)
+            saved = {"rows": [], "records": [], "failed": faults[-1], "faults": faults}
+        else:
+            rows = [{"text": lm.tokenizer.decode(seq).strip(), "label": k, "label_name": task.label_names[k],
+                     "round": r} for seq in results[g].tokens.tolist()]
+            saved = {"rows": rows, "records": [_without_group(rec) for rec in state.records if rec["group"] == g],
+                     "best_outer_step": results[g].best_outer_step, "faults": faults,
+                     "process": processes(cfg).process_index}
+        artifacts.write_json(_round_path(rounds_dir, k, r), saved)
+    state_path.unlink(missing_ok=True)

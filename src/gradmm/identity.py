@@ -1,0 +1,52 @@
+"""Run identity: which config keys are science, the hash that names a job directory, and the run id.
+
+A job directory is named after a hash of the science keys, so re-running the same science finds its
+earlier work and different science never shares a directory. The report and the sweeps read the
+same list: a key that does not change what a job computes is never shown as a difference between
+runs, nor part of a sweep's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+# The keys that do not change what a job computes: how it runs, where it writes, what it reports and
+# how often it saves (a new key is science until it is listed here). `stages` says how much of the
+# job to do, not what any stage makes; rounds_per_batch how many rounds share a model call (the same
+# rounds, up to float rounding), so a job can resume with another batching that fits its memory.
+NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
+                    "generation.checkpoint_every", "generation.rounds_per_batch")
+
+
+def science_config(cfg: DictConfig) -> dict:
+    """cfg resolved, without hydra's node and NON_SCIENCE_KEYS."""
+    science = {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items_ex(resolve=True)
+        if key != "hydra" and key not in NON_SCIENCE_KEYS
+    }
+    for key in NON_SCIENCE_KEYS:
+        *parents, leaf = key.split(".")
+        node = science
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return science
+
+
+def science_hash(cfg: DictConfig) -> str:
+    return hashlib.sha256(json.dumps(science_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_id(*, _root_: DictConfig) -> str:
+    """The `${run_id:}` resolver: the science hash, made unique per start when resume=false."""
+    identity = science_hash(_root_)
+    if not _root_.get("resume", True):
+        # Unique even for jobs started in the same second.
+        identity += f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return identity
