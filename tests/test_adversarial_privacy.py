@@ -15,6 +15,7 @@ from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 
 from gradmm import ledger, privacy, target_cache
+from gradmm.gradients import GradFeatures
 from gradmm.tasks import Example
 
 DP = [*TINY, "privacy=dp", "privacy.delta=1e-3"]
@@ -35,8 +36,7 @@ class Releaser:
 
     def __call__(self):
         self.calls += 1
-        facts = {**target_cache.planned_release(self.cfg.privacy),
-                 "spent_epsilon": self.cfg.privacy.epsilon}
+        facts = privacy.release_facts(self.cfg.privacy)
         return [torch.full((2, 3), float(self.calls)), torch.zeros(2, 3)], facts
 
 
@@ -98,7 +98,7 @@ def test_the_total_is_that_of_the_example_in_the_most_releases(overlap, tmp_path
     others = REAL[:overlap] + [Example(f"another sentence {i}", i % 2, 100 + i) for i in range(8 - overlap)]
     _release(cfg)
     _, facts, _ = _release(_cfg(tmp_path, "seed=5"), others)
-    sigma = ledger.effective_multiplier(ledger.read(tmp_path / "targets")[0], "add_remove")
+    sigma = ledger.effective_multiplier(ledger.read(tmp_path / "targets")[0], cfg.privacy.relation)
     expected = ledger.composed_epsilon((sigma, sigma) if overlap else (sigma,), 1e-3)
     assert facts["total_epsilon"] == pytest.approx(expected)
     assert facts["releases_on_these_examples"] == (2 if overlap else 1)
@@ -267,3 +267,88 @@ def test_a_damaged_key_is_named(tmp_path):
     (tmp_path / ledger.SECRET_FILE).write_bytes(b"short")
     with pytest.raises(ledger.LedgerError, match=f"{tmp_path / ledger.SECRET_FILE} holds 5 bytes"):
         ledger.example_ids(tmp_path, ["a"])
+
+
+# --- adjacency (finding 3) and the noise source (finding 11) ----------------------------------------
+
+def _features(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return GradFeatures.single(torch.randn(n, 2, generator=g, dtype=torch.float64),
+                               torch.randn(n, 6, generator=g, dtype=torch.float64))
+
+
+def _noiseless(feats, labels, cfg):
+    zero = lambda shape, std: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+    return torch.cat([t.flatten() for ts in privacy.release_targets(feats, labels, cfg, noise=zero).targets
+                      for t in ts])
+
+
+def test_the_default_relation_is_replace_one_with_twice_the_clip():
+    facts = privacy.release_facts(compose_config(DP).privacy)
+    assert facts["relation"] == "replace_one" and facts["sensitivity"] == 2 * facts["clip"]
+    assert facts["noise_std"] == pytest.approx(facts["noise_multiplier"] * 2 * facts["clip"])
+
+
+LABELS = [0, 1] * 4
+# (relation, neighbour of (features, LABELS)): each changes one example.
+NEIGHBOURS = {
+    "add_remove: one removed": ("add_remove", lambda f: (f.select(list(range(7))), LABELS[:7])),
+    "add_remove: one added": ("add_remove", lambda f: (_joined(f, _features(1, 7)), [*LABELS, 0])),
+    "add_remove: the first removed": ("add_remove", lambda f: (f.select(list(range(1, 8))), LABELS[1:])),
+    "replace_one: same class": ("replace_one", lambda f: (_joined(f.select(list(range(7))), _features(1, 3)),
+                                                          [*LABELS[:7], 1])),
+    "replace_one: another class": ("replace_one", lambda f: (f, [1, 1, *LABELS[2:]])),
+    "replace_one: opposite gradient": ("replace_one", lambda f: (_joined(f.select(list(range(7))),
+                                                                          f.select([7]).scaled(-torch.ones(1))),
+                                                                 LABELS)),
+}
+
+
+def _joined(a, b):
+    return GradFeatures([torch.cat([x, y]) for x, y in zip(a.deltas, b.deltas, strict=True)],
+                        [torch.cat([x, y]) for x, y in zip(a.inputs, b.inputs, strict=True)])
+
+
+@pytest.mark.parametrize("name", NEIGHBOURS)
+def test_a_neighbour_is_released_and_moves_the_sums_by_at_most_the_sensitivity(name):
+    relation, neighbour = NEIGHBOURS[name]
+    cfg = compose_config([*DP, f"privacy.relation={relation}", "privacy.clip=0.5"])
+    feats = _features()
+    other_feats, other_labels = neighbour(feats)
+    released = privacy.release_targets(other_feats, other_labels, cfg)  # never refused
+    assert len(released.targets) == 2 and all(len(t) == 1 for t in released.targets)
+    # Back from the means to the clipped sums: their distance is what the noise is calibrated to.
+    moved = (_noiseless(feats, LABELS, cfg) - _noiseless(other_feats, other_labels, cfg)).norm() * 4
+    sensitivity = released.facts["sensitivity"]
+    assert moved <= sensitivity * (1 + 1e-9)
+    if name == "replace_one: opposite gradient":
+        assert moved == pytest.approx(sensitivity), "2C is reached: replace_one needs all of it"
+
+
+def test_noise_is_drawn_from_the_operating_systems_csprng_alone(monkeypatch):
+    """Seeding torch changes nothing; replacing os.urandom by a fixed stream makes the noise fixed."""
+    torch.manual_seed(0)
+    first = privacy.secure_gaussian((64,), 1.0)
+    torch.manual_seed(0)
+    assert not torch.equal(first, privacy.secure_gaussian((64,), 1.0))
+    stream = lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256))  # noqa: E731
+    monkeypatch.setattr(privacy.os, "urandom", stream)
+    assert torch.equal(privacy.secure_gaussian((64,), 1.0), privacy.secure_gaussian((64,), 1.0))
+    assert not hasattr(privacy, "secret_generator")
+
+
+@pytest.mark.parametrize("byte", [0x00, 0xFF])
+def test_extreme_random_bytes_give_finite_noise(byte, monkeypatch):
+    monkeypatch.setattr(privacy.os, "urandom", lambda n: bytes([byte]) * n)
+    assert torch.isfinite(privacy.secure_gaussian((10,), 1.0)).all()
+
+
+def test_the_secure_noise_is_gaussian_with_the_stated_deviation(monkeypatch):
+    monkeypatch.setattr(privacy, "_CHUNK", 1000)  # several chunks
+    noise = privacy.secure_gaussian((300, 1000), 2.5)
+    assert noise.shape == (300, 1000) and noise.dtype == torch.float64
+    z = noise.flatten() / 2.5
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(z.pow(4).mean() - 3) < 0.05, "a Gaussian's fourth moment"
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 0.01, "neighbours independent"
+    assert abs((z.abs() > 1.96).float().mean() - 0.05) < 0.003

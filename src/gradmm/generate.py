@@ -64,7 +64,7 @@ def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head) -> tuple[list, 
     feats = text_features(lm, head, inputs, labels)
     n_classes = len(cfg.task.label_names)
     if cfg.privacy.name == "dp":
-        release = privacy.release_targets(feats, labels, cfg, privacy.secret_generator())
+        release = privacy.release_targets(feats, labels, cfg)
         return release.targets, release.facts
     return class_targets(feats, labels, n_classes), {}
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 # job to do, not what any stage makes; rounds_per_batch how many rounds share a model call (the same
 # rounds, up to float rounding), so a job can resume with another batching that fits its memory.
 NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
-                    "generation.checkpoint_every", "generation.rounds_per_batch")
+                    "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon")
 
 
 def science_config(cfg: DictConfig) -> dict:

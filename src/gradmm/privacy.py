@@ -14,14 +14,23 @@ where g_b = a_b h_b^T is example b's closed-form last-layer gradient, clip_C res
 norm at most C (its norm is ||a_b|| * ||h_b||, so clipping rescales feature rows: no per-example pass
 through the model), and n_k is the public quota, so dividing by it is post-processing.
 
-Neighbouring relation and sensitivity: `add_remove` (default, and dp-accounting's): D and D' differ by
-one example, added or removed; that changes one class's clipped sum by at most C, so Delta = C.
-`replace_one`: one example swapped for another changes it by at most 2C, so Delta = 2C. Every example
-belongs to exactly one class, so the per-class releases act on disjoint parts of D and compose in
-parallel: the whole release is one Gaussian mechanism with noise multiplier sigma, which dp-accounting
-calibrates for (epsilon, delta). The noise comes from operating-system entropy, never from the (public)
-config seed, which would let anyone subtract it. Caveat, as for every float Gaussian sampler: the noise
-is not hardened against floating-point attacks on its low-order bits.
+Neighbouring relation and sensitivity. The per-class counts n_k are public and fixed, so the natural
+relation is `replace_one` (the default): D and D' differ in one example, swapped for any other; that
+moves one class's clipped sum by up to 2C (same class) or two sums by C each (other class: sqrt(2) C in
+all), so Delta = 2C. `add_remove` (D' has one example more or fewer; Delta = C) is offered too. Either
+way the mechanism is defined on every neighbour: it never checks a class's count against its quota (an
+error there would itself be an output that differs between neighbours); it always divides by the public
+quota. Every example belongs to exactly one class, so the per-class releases act on disjoint parts of
+D and compose in parallel: the whole release is one Gaussian mechanism with noise multiplier sigma, which
+dp-accounting calibrates for (epsilon, delta). Releases over the same examples compose in the privacy
+ledger (gradmm.ledger), which states the total.
+
+The noise. It is never a function of the (public) config seed, which would let anyone subtract it, nor
+of a seeded pseudo-random generator: a Mersenne Twister's state can be recovered from its outputs.
+Following Opacus's secure mode, every uniform variate is 53 bits from the operating system's CSPRNG
+(os.urandom), turned into normals by Box-Muller, and each noise coordinate is the sum of four such
+normals halved (Holohan and Braghin 2021): smoothing the low-order bits that floating-point attacks on
+Gaussian samplers read (Mironov 2012). It is a mitigation, as in Opacus, not a proof against them.
 
 Why dp-accounting: Google's maintained accountant library, with privacy-loss-distribution accounting
 (tight for one Gaussian release) and a generic calibration routine, in pure Python. Opacus would bring a
@@ -30,15 +39,17 @@ DP-SGD training stack we do not use, and prv-accountant only accounts, it does n
 After the release nothing may read D: `PrivateExamples.seal` keeps only the row numbers, and reading an
 example's text or label raises `PrivacyError`. The leakage audit is the one, explicit, exception: a
 post-hoc check that reloads D to measure what the synthetic texts share with it; its result is never fed
-back into generation, and under privacy=dp it is kept out of W&B.
+back into generation. Under privacy=dp it runs only when asked (privacy.audit_dir), and writes there,
+outside the job directory: nothing of it reaches summary.json, stdout or W&B.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import re
-import secrets
+import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dp_accounting
@@ -47,7 +58,9 @@ from dp_accounting import pld
 from omegaconf import DictConfig
 
 from gradmm.gradients import GradFeatures
+from gradmm.ledger import MECHANISM, SENSITIVITY
 from gradmm.tasks import Example, class_quotas
+from gradmm.text import jaccard, words
 
 ACCOUNTANT = "dp_accounting.pld.PLDAccountant"
 
@@ -132,54 +145,61 @@ def clip(feats: GradFeatures, max_norm: float) -> GradFeatures:
     return feats.scaled((max_norm / norms.clamp_min(1e-30)).clamp(max=1.0))
 
 
-def secret_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+_CHUNK = 1 << 20  # normals drawn at a time: bounds the memory of a full-vocabulary release
+
+
+def _secure_uniform(n: int) -> torch.Tensor:
+    """n floats uniform on (0, 1), 53 bits each, from the operating system's CSPRNG."""
+    bits = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) & ((1 << 53) - 1)
+    return (bits.double() + 0.5) / 2.0**53
+
+
+def _secure_normal(n: int) -> torch.Tensor:
+    """2n standard normals: Box-Muller on n pairs of secure uniforms."""
+    radius, angle = torch.sqrt(-2 * torch.log(_secure_uniform(n))), 2 * math.pi * _secure_uniform(n)
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+
+
+def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
+    """N(0, std^2) noise of `shape` (float64), each coordinate the halved sum of four secure normals."""
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        out[start:start + m] = _secure_normal(2 * m).reshape(4, m).sum(0) / 2
+    return (out * std).reshape(shape)
 
 
 @dataclass
 class Release:
-    targets: list[torch.Tensor]
+    targets: list[list[torch.Tensor]]
     facts: dict  # for summary.json and W&B
 
 
-def release_targets(feats: GradFeatures, labels: list[int], cfg: DictConfig,
-                    generator: torch.Generator) -> Release:
-    """Per class, the clipped gradient sum plus calibrated Gaussian noise, over the public quota."""
-    p = cfg.privacy
+def release_facts(p: DictConfig) -> dict:
+    """What a release under these privacy settings is, known before any noise is drawn: what the ledger
+    records and the budget is checked against."""
     sigma = noise_multiplier(p.epsilon, p.delta)
-    sensitivity = p.clip * (2 if p.relation == "replace_one" else 1)
-    clipped = clip(feats, p.clip)
+    sensitivity = p.clip * SENSITIVITY[p.relation]
+    return {"epsilon": p.epsilon, "delta": p.delta, "spent_epsilon": spent_epsilon(sigma, p.delta),
+            "noise_multiplier": sigma, "noise_std": sigma * sensitivity, "clip": p.clip, "relation": p.relation,
+            "sensitivity": sensitivity, "mechanism": MECHANISM, "accountant": ACCOUNTANT}
+
+
+def release_targets(feats: GradFeatures, labels: list[int], cfg: DictConfig,
+                    noise: Callable[[tuple[int, ...], float], torch.Tensor] = secure_gaussian) -> Release:
+    """Per class, the clipped gradient sum plus calibrated Gaussian noise, over the public quota. Defined
+    for any class counts (see the neighbouring relation above); `noise(shape, std)` is for tests only."""
+    facts = release_facts(cfg.privacy)
+    clipped = clip(feats, cfg.privacy.clip)
     labels_t = torch.tensor(labels, device=feats.deltas[0].device)
     quotas = class_quotas(cfg.generation.n_real, len(cfg.task.label_names))
     targets = []
     for k, quota in enumerate(quotas):
         members = clipped.select(labels_t == k)
-        if len(members) != quota:
-            raise ValueError(f"class {k} has {len(members)} real examples, not its public quota {quota}.")
-        noisy = []
-        for total in members.total():
-            noise = torch.randn(total.shape, generator=generator, dtype=torch.float64) * (sigma * sensitivity)
-            noisy.append((total + noise.to(total)) / quota)
-        targets.append(noisy)
-    facts = {
-        "epsilon": p.epsilon,
-        "delta": p.delta,
-        "spent_epsilon": spent_epsilon(sigma, p.delta),
-        "noise_multiplier": sigma,
-        "noise_std": sigma * sensitivity,
-        "clip": p.clip,
-        "relation": p.relation,
-        "class_counts": quotas,
-        "accountant": ACCOUNTANT,
-    }
-    return Release(targets, facts)
-
-
-_WORDS = re.compile(r"[a-z0-9']+")
-
-
-def words(text: str) -> list[str]:
-    return _WORDS.findall(text.lower())
+        targets.append([(total + noise(tuple(total.shape), facts["noise_std"]).to(total)) / quota
+                        for total in members.total()])
+    return Release(targets, {**facts, "class_counts": quotas})
 
 
 def longest_shared_ngram(a: list[str], b: list[str]) -> tuple[int, int]:
@@ -199,7 +219,7 @@ def leakage_report(synthetic: list[str], real: list[str]) -> tuple[list[dict], d
         shared = [longest_shared_ngram(w, r) for r in real_words]
         best = max(range(len(real)), key=lambda j: shared[j][0])
         size, start = shared[best]
-        overlap = [len(set(w) & s) / max(1, len(set(w) | s)) for s in real_sets]
+        overlap = [jaccard(set(w), s) for s in real_sets]
         nearest = max(range(len(real)), key=overlap.__getitem__)
         rows.append({
             "text": text,

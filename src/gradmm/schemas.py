@@ -129,7 +129,11 @@ class PrivacyConfig:
     epsilon: float = 1.0
     delta: float = 1e-5
     clip: float = 1.0
-    relation: str = "add_remove"
+    # replace_one (Delta = 2C) or add_remove (Delta = C): gradmm.privacy says why replace_one is the default.
+    relation: str = "replace_one"
+    # Refuse a release that would take the epsilon composed over every release on the same real examples
+    # (the ledger, gradmm.ledger) above this; null: no limit, the total is still reported.
+    budget_epsilon: Optional[float] = None
 
 
 @dataclass

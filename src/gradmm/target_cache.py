@@ -104,8 +104,8 @@ def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.devic
                 artifacts.save_torch(path, {"targets": _cpu(targets), "release": release})
         else:
             if dp:
-                ledger.check_budget(ledger.read(cache_dir), ids, planned_release(cfg.privacy), cfg.privacy.delta,
-                                    cfg.privacy.relation, cfg.privacy.get("budget_epsilon"))
+                ledger.check_budget(ledger.read(cache_dir), ids, privacy.release_facts(cfg.privacy), cfg.privacy.delta,
+                                    cfg.privacy.relation, cfg.privacy.budget_epsilon)
             targets, release = _timed(compute, f"computed and stored in {path}")
             if dp:
                 release = {**release, "release_id": ledger.record(cache_dir, _facts(release), ids)["release_id"]}
@@ -117,21 +117,13 @@ def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.devic
     return targets, release
 
 
-def planned_release(p: DictConfig) -> dict:
-    """The accounting facts of a release under these privacy settings, known before any noise is drawn."""
-    sigma = privacy.noise_multiplier(p.epsilon, p.delta)
-    sensitivity = p.clip * ledger.SENSITIVITY[p.relation]
-    return {"noise_multiplier": sigma, "noise_std": sigma * sensitivity, "clip": p.clip, "relation": p.relation,
-            "sensitivity": sensitivity, "epsilon": p.epsilon, "delta": p.delta}
-
-
 def composed(cfg: DictConfig, cache_dir: Path, ids: list[str]) -> dict:
     """The epsilon composed over every recorded release that covered one of these examples."""
     p = cfg.privacy
     total, n = ledger.total_epsilon(ledger.read(cache_dir), ids, p.delta, p.relation)
     log.info("privacy: %d release(s) on these real examples compose to epsilon=%.3g at delta=%g (ledger %s)",
              n, total, p.delta, cache_dir / ledger.LEDGER_FILE)
-    return {"total_epsilon": total, "releases_on_these_examples": n, "budget_epsilon": p.get("budget_epsilon"),
+    return {"total_epsilon": total, "releases_on_these_examples": n, "budget_epsilon": p.budget_epsilon,
             "ledger": str(cache_dir / ledger.LEDGER_FILE)}
 
 
