@@ -160,11 +160,11 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
 
     # The output layer in closed form, and whatever the job's own matching config selects.
     output_layer = OutputLayerGradient(head)
-    for name, matched in (("output layer", output_layer), ("this config's matching", matched_gradient(cfg, setup, lm))):
+    for name, matched in (("", output_layer), ("this config's matching: ", matched_gradient(cfg, setup, lm))):
         targets = class_targets(text_features(lm, matched, real_inputs, real_labels, BATCH), real_labels, n_classes)
         scores = torch.stack([-example_distances(text_features(lm, matched, held_inputs, [k] * len(held_inputs), BATCH),
                                                  targets[k]).cpu() for k in range(n_classes)], 1)
-        records.append({"group": f"{name} ({matched.describe()})",
+        records.append({"group": name + matched.describe(),
                         **{f"accuracy_{k}": v for k, v in accuracy(scores.double(), labels).items()}})
 
     final = text_features(lm, output_layer, held_inputs, labels.tolist(), BATCH).inputs[0][:, 0]

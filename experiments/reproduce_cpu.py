@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
     results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
     version = code_version()
+    measured: set[str] = set()
     todo = {method: trained[method] for method in only}
     needed = [name for name in generations if any(job == name for job, _ in todo.values())]
 
@@ -177,19 +178,25 @@ def main(argv: list[str] | None = None) -> dict:
             source, matched = generated[job]
             overrides = [*base, *generations[job], "stages=[evaluate]", f"data.synthetic_from={source}", *extra]
             summary, _ = run(overrides, f"[{i}/{steps}] evaluate {method}")
+            trains_on_generated = extra[0].startswith("evaluate.train_on=synthetic")
             row = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "code_version": version, "matched": matched if "synthetic" in extra[0] else "-"}
+                   "code_version": version, "matched": matched if trains_on_generated else "-"}
             results[method] = {"mean": summary["accuracy"], "std": summary["accuracy_std"],
                                "n_train": summary["evaluation"]["n_train"], **row}
+            measured.add(method)
             print(f"  {method}: {summary['accuracy']:.3f} +- {summary['accuracy_std']:.3f}", flush=True)
             for name in REFERENCES:
                 if name in summary["baselines"]:
                     b = summary["baselines"][name]
                     results[name] = {"mean": b["mean"], "std": b["std"], "n_train": b["n_train"], **row,
                                      "matched": "-"}
+                    measured.add(name)
 
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(shlex.quote(a) for a in ["python", "experiments/reproduce_cpu.py", *given])
+    if partial:
+        # Another --only run may have written its rows meanwhile: keep them, replace only ours.
+        results = {**json.loads(results_path.read_text()), **{m: results[m] for m in results if m in measured}}
     artifacts.write_json(results_path, results)
     markdown = table(results, command, args.overrides)
     artifacts.write_atomic(args.results_dir / f"{args.name}.md", markdown)

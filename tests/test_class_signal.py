@@ -20,7 +20,8 @@ def test_groups_are_ranked_by_a_probe_that_equals_the_direct_one(class_signal, m
     assert json.loads(out.read_text())["groups"] == result["groups"]
     assert result["n_real"] == 8 and result["n_held_out"] == 12
     names = [g["group"] for g in result["groups"]]
-    for expected in ("block 0 attention", "block 1 MLP", "all MLPs", "every block linear layer", "LoRA r=8 on"):
+    for expected in ("block 0 attention", "block 1 MLP", "all MLPs", "every block linear layer", "LoRA r=8 on",
+                     "output layer (2 rows)"):
         assert any(n.startswith(expected) for n in names), expected
     accuracies = [g["accuracy_calibrated"] for g in result["groups"]]
     assert accuracies == sorted(accuracies, reverse=True)
