@@ -15,6 +15,8 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm.input_checks import unsafe_name
+
 # The keys that do not change what a job computes: how it runs, where it writes, what it reports and
 # how often it saves (a new key is science until it is listed here). `stages` says how much of the
 # job to do, not what any stage makes; rounds_per_batch how many rounds share a model call (the same
@@ -44,7 +46,12 @@ def science_hash(cfg: DictConfig) -> str:
 
 
 def run_id(*, _root_: DictConfig) -> str:
-    """The `${run_id:}` resolver: the science hash, made unique per start when resume=false."""
+    """The `${run_id:}` resolver: the science hash, made unique per start when resume=false. It refuses a
+    task.name that would lead the job directory (${task.name}/${run_id:}) out of paths.output_root:
+    Hydra makes that directory before any validation runs."""
+    problem = unsafe_name("task.name", OmegaConf.select(_root_, "task.name"))
+    if problem:
+        raise ValueError(problem)
     identity = science_hash(_root_)
     if not _root_.get("resume", True):
         # Unique even for jobs started in the same second.

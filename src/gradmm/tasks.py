@@ -38,7 +38,11 @@ class Verbalizer:
     @classmethod
     def build(cls, task: DictConfig, tokenizer) -> Verbalizer:
         prompt_ids = tokenizer.encode(task.prompt, add_special_tokens=False)
-        first_ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in task.label_words]
+        encoded = {w: tokenizer.encode(w, add_special_tokens=False) for w in task.label_words}
+        if not all(encoded.values()):
+            raise ValueError(f"task.label_words={list(task.label_words)} has a word that is no token at all "
+                             f"({[w for w, ids in encoded.items() if not ids]}); every class needs one.")
+        first_ids = [encoded[w][0] for w in task.label_words]
         if len(set(first_ids)) != len(first_ids):
             pieces = [tokenizer.decode([i]) for i in first_ids]
             raise ValueError(
@@ -88,30 +92,41 @@ class DataFileError(ValueError):
     """A data file that is missing or has a row that is not a labelled text."""
 
 
-def label_counts(path: Path, n_labels: int) -> dict[int, int]:
-    """How many rows of each label a split file holds; DataFileError at its first unusable row."""
+def label_counts(path: Path, n_labels: int | None) -> dict[int, int]:
+    """How many rows of each label a split file holds; DataFileError, naming the file and line, at its
+    first unusable row: not UTF-8, not a JSON object with a non-empty string 'text' and an integer
+    'label', or a label outside 0..n_labels-1 (n_labels None: any label >= 0). Blank lines are skipped,
+    as load_split skips them; a file without a row is unusable too."""
     if not path.is_file():
         raise DataFileError(f"data file {path} does not exist (paths.data_dir={path.parent.parent}).")
     counts: dict[int, int] = {}
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataFileError(f"{path}:{line_no} is not UTF-8 ({error.reason} at byte {error.start}).") from None
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
                 text, label = row["text"], row["label"]
-                if not isinstance(text, str) or not isinstance(label, int):
+                if not (isinstance(text, str) and text.strip() and type(label) is int):
                     raise TypeError
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataFileError(
-                    f"{path}:{line_no} is not a JSON object with a string 'text' and an integer 'label'."
-                ) from None
-            if not 0 <= label < n_labels:
-                raise DataFileError(f"{path}:{line_no} has label {label}, outside 0..{n_labels - 1}.")
+                raise DataFileError(f"{path}:{line_no} is not a JSON object with a non-empty string 'text' "
+                                    "and an integer 'label'.") from None
+            if label < 0 or (n_labels is not None and label >= n_labels):
+                bound = f"0..{n_labels - 1}" if n_labels is not None else "the non-negative integers"
+                raise DataFileError(f"{path}:{line_no} has label {label}, outside {bound}.")
             counts[label] = counts.get(label, 0) + 1
+    if not counts:
+        raise DataFileError(f"{path} has no examples.")
     return counts
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm import input_checks
 from gradmm.matched import MATCHED_GRADIENTS
 from gradmm.projection import allowed_vocabulary
 from gradmm.sweeps import in_multirun
@@ -184,9 +185,8 @@ def validate(cfg: DictConfig) -> None:
 
     counts: dict[int, int] = {}
     if cfg.paths.data_dir is not None:
-        source_n_labels = n_labels if task.source_labels is None else max(task.source_labels) + 1
         try:
-            counts = label_counts(split_path(cfg, task.train_split), max(source_n_labels, 64))
+            counts = label_counts(split_path(cfg, task.train_split), input_checks.label_bound(cfg))
         except DataFileError as error:
             problems.append(str(error))
         if counts and isinstance(gen.n_real, int) and gen.n_real > 0:
@@ -202,6 +202,8 @@ def validate(cfg: DictConfig) -> None:
     _check_generation(problems, cfg)
     _check_filter_and_evaluate(problems, cfg, counts)
     _check_objective(problems, cfg)
+    input_checks.check_config(problems, cfg)
+    input_checks.check_files(problems, cfg)
     if problems:
         raise ConfigError(problems)
 

@@ -1,0 +1,110 @@
+"""The checks of gradmm.validation that look at the whole config or at data row by row, so that no bad
+value or bad file reaches a model: every float finite, no key the schema lacks (even one added with
+`+`), names that become paths restricted to safe characters, sizes within bounds, the device present,
+the label words non-empty, and every split or synthetic file the job will read checked line by line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gradmm.tasks import DataFileError, label_counts, split_path
+
+# A name that becomes a directory or file name: no separators, no leading dot, no "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PATH_NAMES = ("task.name", "task.data_name")
+# Far beyond what any supported model or machine runs, short of what silently exhausts memory.
+UPPER_BOUNDS = {
+    "generation.batch_size": 4096, "generation.init_candidates": 65536, "generation.rounds_per_batch": 1024,
+    "evaluate.batch_size": 4096, "task.max_text_tokens": 131072, "generation.seq_len": 131072,
+}
+
+
+def unsafe_name(key: str, value: Any) -> str | None:
+    """Why `value` may not name a path (None when it may)."""
+    if isinstance(value, str) and SAFE_NAME.fullmatch(value) and ".." not in value:
+        return None
+    return (f"{key}={value!r} becomes a path: use letters, digits, '.', '_' and '-' only, starting with a "
+            "letter or digit.")
+
+
+def check_config(problems: list[str], cfg: DictConfig) -> None:
+    from gradmm.schemas import Config  # the schema module registers identity's resolver, which imports this one
+
+    _check_floats(problems, OmegaConf.to_container(cfg, resolve=True), "")
+    _check_keys(problems, cfg, Config, "")
+    problems += [p for key in PATH_NAMES if (p := unsafe_name(key, OmegaConf.select(cfg, key)))]
+    for key, bound in UPPER_BOUNDS.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and value > bound:
+            problems.append(f"{key}={value} is above {bound}: almost surely a typo.")
+    device = cfg.model.device
+    present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device in present and not present[device]():
+        problems.append(f"model.device={device!r} is not available on this machine; use model.device=auto or cpu.")
+    if any(not isinstance(w, str) or not w for w in cfg.task.label_words):
+        problems.append(f"task.label_words={list(cfg.task.label_words)} has an empty word; every class needs "
+                        "a non-empty label word.")
+    budget, p = cfg.privacy.budget_epsilon, cfg.privacy
+    if budget is not None and p.name == "dp" and not budget >= p.epsilon > 0:
+        problems.append(f"privacy.budget_epsilon={budget} is below privacy.epsilon={p.epsilon}: no release fits.")
+    if "evaluate" in cfg.stages and cfg.evaluate.max_eval is not None and cfg.evaluate.max_eval <= 0:
+        problems.append(f"evaluate.max_eval={cfg.evaluate.max_eval} must be positive (or null: the whole "
+                        "evaluation split).")
+
+
+def check_files(problems: list[str], cfg: DictConfig) -> None:
+    """The evaluation split and the synthetic files this job reads, row by row (the training split is
+    checked with its class counts in gradmm.validation)."""
+    n_labels = len(cfg.task.label_names)
+    files = []
+    if "evaluate" in cfg.stages and cfg.paths.data_dir is not None and not unsafe_name("", cfg.task.data_name):
+        files.append((split_path(cfg, cfg.task.eval_split), label_bound(cfg)))
+    source = cfg.data.synthetic_from
+    if source is not None and "generate" not in cfg.stages:
+        names = ["synthetic.jsonl"] + (["synthetic_filtered.jsonl"] if "filter" not in cfg.stages else [])
+        files += [(Path(source) / name, n_labels) for name in names if (Path(source) / name).is_file()]
+    for path, bound in files:
+        try:
+            label_counts(path, bound)
+        except DataFileError as error:
+            problems.append(str(error))
+
+
+def label_bound(cfg: DictConfig) -> int | None:
+    """Labels a split may hold: the classes, or any source label when task.source_labels picks some."""
+    return len(cfg.task.label_names) if cfg.task.source_labels is None else None
+
+
+def _check_floats(problems: list[str], node: Any, key: str) -> None:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name != "hydra":
+                _check_floats(problems, value, f"{key}.{name}" if key else name)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_floats(problems, value, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        problems.append(f"{key}={node} is not a finite number.")
+
+
+def _check_keys(problems: list[str], node: DictConfig, schema: type, prefix: str) -> None:
+    """Keys of `node` that the dataclass `schema` lacks; nested dataclasses are checked in turn."""
+    fields = typing.get_type_hints(schema)
+    for name in node:
+        key = f"{prefix}{name}"
+        if name == "hydra" and not prefix:
+            continue
+        if name not in fields:
+            problems.append(f"unknown key {key} (added with +?); {prefix[:-1] or 'the config'} has: "
+                            f"{', '.join(fields)}.")
+        elif dataclasses.is_dataclass(fields[name]) and isinstance(node._get_node(name), DictConfig):
+            _check_keys(problems, node._get_node(name), fields[name], f"{key}.")
