@@ -9,11 +9,15 @@ export GRADMM_DATA_DIR ?= $(abspath ../shared/data)
 ARGS ?=
 # Job directories, or folders holding them, for compare and wandb-sync.
 RUNS ?= outputs/runs
+# The W&B project (and entity, default: yours) that wandb-workspace saves a view of.
+PROJECT ?= gradmm
+ENTITY ?=
 
-.PHONY: help setup run test test-fast lint validate bench bench-smoke compare wandb-sync clean reproduce-cpu
+.PHONY: help setup run test test-fast lint validate bench bench-smoke compare wandb-sync wandb-workspace clean \
+	reproduce-cpu
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +58,12 @@ compare: setup  ## one self-contained HTML page comparing the jobs under RUNS="d
 	$(BIN)/python -m gradmm.report $(RUNS)
 
 wandb-sync: setup  ## upload the offline W&B runs of the jobs under RUNS (needs a W&B API key)
-	@runs="$$(find $(RUNS) -type d -path '*/wandb/offline-run-*' -prune)"; \
+	@# Sorted: a resumed job's runs (offline-run-<date>_<time>-<id>) replay oldest first.
+	@runs="$$(find $(RUNS) -type d -path '*/wandb/offline-run-*' -prune | sort)"; \
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under $(RUNS)"; else $(BIN)/wandb sync --yes $$runs; fi
+
+wandb-workspace: setup  ## save a W&B workspace to start from in PROJECT= (online; never needed for a run)
+	$(BIN)/python -m gradmm.dashboard --project $(PROJECT) $(if $(ENTITY),--entity $(ENTITY))
 
 clean:  ## remove run outputs (not .venv/)
 	rm -rf outputs

@@ -7,7 +7,7 @@ def _row(text, label, d, ppl=5.0):
 
 def test_misclassified_texts_are_dropped():
     rows = [_row("good fun", 1, 0.1), _row("awful mess", 0, 0.1), _row("bad bad", 1, 0.05)]
-    kept, dropped = filter_examples(rows, [1, 0, 0], 2, 5, 0.8, 0.0)
+    kept, dropped, _ = filter_examples(rows, [1, 0, 0], 2, 5, 0.8, 0.0)
     assert [r["text"] for r in kept] == ["awful mess", "good fun"]
     assert dropped["misclassified"] == 1
 
@@ -15,16 +15,16 @@ def test_misclassified_texts_are_dropped():
 def test_ranked_by_own_distance_then_balanced_to_the_smallest_class():
     rows = [_row(f"negative text {i}", 0, d) for i, d in enumerate([0.3, 0.1, 0.2])]
     rows += [_row(f"positive words {i}", 1, d) for i, d in enumerate([0.5, 0.4])]
-    kept, dropped = filter_examples(rows, None, 2, 10, 0.99, 0.0)
+    kept, dropped, _ = filter_examples(rows, None, 2, 10, 0.99, 0.0)
     assert [r["grad_distance"] for r in kept] == [0.1, 0.2, 0.4, 0.5]
     assert dropped["balance"] == 1
 
 
 def test_perplexity_weight_changes_the_ranking():
     rows = [_row("alpha one", 0, 0.10, ppl=9.0), _row("beta two", 0, 0.12, ppl=3.0), _row("gamma", 1, 0.1)]
-    kept, _ = filter_examples(rows, None, 2, 1, 0.99, 0.0)
+    kept, *_ = filter_examples(rows, None, 2, 1, 0.99, 0.0)
     assert kept[0]["text"] == "alpha one"
-    kept, _ = filter_examples(rows, None, 2, 1, 0.99, 0.1)
+    kept, *_ = filter_examples(rows, None, 2, 1, 0.99, 0.1)
     assert kept[0]["text"] == "beta two"
 
 
@@ -36,12 +36,12 @@ def test_exact_and_near_duplicates_keep_the_better_ranked_copy():
         _row("nothing in common here", 1, 0.4),
         _row("dull", 0, 0.1), _row("boring", 0, 0.2), _row("slow", 0, 0.3),
     ]
-    kept, dropped = filter_examples(rows, None, 2, 3, 0.8, 0.0)
+    kept, dropped, _ = filter_examples(rows, None, 2, 3, 0.8, 0.0)
     assert [r["grad_distance"] for r in kept if r["label"] == 1] == [0.1, 0.4]
     assert dropped["duplicate"] == 2
 
 
 def test_keeps_at_most_n_per_class():
     rows = [_row(f"word{i} x{i}", i % 2, i / 10) for i in range(10)]
-    kept, _ = filter_examples(rows, None, 2, 2, 0.8, 0.0)
+    kept, *_ = filter_examples(rows, None, 2, 2, 0.8, 0.0)
     assert len(kept) == 4

@@ -36,29 +36,32 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 
 def filter_examples(rows: list[dict], predictions: list[int] | None, n_classes: int, n_per_class: int,
-                    near_duplicate: float, log_ppl_weight: float) -> tuple[list[dict], dict]:
-    """Returns the kept rows (ranked within class, classes in order) and how many each rule dropped."""
-    dropped = {"misclassified": 0, "duplicate": 0, "balance": 0}
+                    near_duplicate: float, log_ppl_weight: float) -> tuple[list[dict], dict, list[str | None]]:
+    """Returns the kept rows (ranked within class, classes in order), how many each rule dropped, and
+    per input row the rule that dropped it (None where it was kept)."""
+    dropped_by: list[str | None] = [None] * len(rows)
     candidates = []
     for i, row in enumerate(rows):
         if predictions is not None and predictions[i] != row["label"]:
-            dropped["misclassified"] += 1
+            dropped_by[i] = "misclassified"
         else:
-            candidates.append(row)
-    per_class: list[list[dict]] = [[] for _ in range(n_classes)]
+            candidates.append(i)
+    per_class: list[list[int]] = [[] for _ in range(n_classes)]
     kept_words: list[frozenset[str]] = []
-    ranked = sorted(candidates, key=lambda r: r["grad_distance"] + log_ppl_weight * r["log_ppl"])
-    for row in ranked:
-        words = word_set(row["text"])
+    ranked = sorted(candidates, key=lambda i: rows[i]["grad_distance"] + log_ppl_weight * rows[i]["log_ppl"])
+    for i in ranked:
+        words = word_set(rows[i]["text"])
         if any(jaccard(words, other) >= near_duplicate for other in kept_words):
-            dropped["duplicate"] += 1
+            dropped_by[i] = "duplicate"
             continue
         kept_words.append(words)
-        per_class[row["label"]].append(row)
+        per_class[rows[i]["label"]].append(i)
     quota = min(n_per_class, min(len(c) for c in per_class))
     for c in per_class:
-        dropped["balance"] += len(c) - quota
-    return [row for c in per_class for row in c[:quota]], dropped
+        for i in c[quota:]:
+            dropped_by[i] = "balance"
+    dropped = {rule: dropped_by.count(rule) for rule in ("misclassified", "duplicate", "balance")}
+    return [rows[i] for c in per_class for i in c[:quota]], dropped, dropped_by
 
 
 def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: Path,
@@ -80,10 +83,11 @@ def filter_stage(cfg: DictConfig, setup: Setup, lm: LM, source: Path, out_dir: P
         # untuned model's bias towards one label word (SmolLM2 zero-shot on SST-2) otherwise assigns
         # every text to one class, and balancing then empties the whole set.
         predictions = (scores - scores.mean(0)).argmax(-1).tolist()
-    kept, dropped = filter_examples(rows, predictions, n_classes, flt.n_per_class, flt.near_duplicate,
-                                    flt.log_ppl_weight)
+    kept, dropped, dropped_by = filter_examples(rows, predictions, n_classes, flt.n_per_class,
+                                                flt.near_duplicate, flt.log_ppl_weight)
     artifacts.write_jsonl(out_dir / "synthetic_filtered.jsonl", kept)
     result = {"n_in": len(rows), "n_kept": len(kept), "dropped": dropped}
     tracker.log({"stage": "filter", "n_in": len(rows), "n_kept": len(kept),
                  **{f"dropped/{rule}": n for rule, n in dropped.items()}})
+    tracker.log_texts("filter", rows, dropped_by)
     return result

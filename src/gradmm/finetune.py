@@ -93,8 +93,9 @@ class Classifier:
         was_training = self.lm.model.training
         self.lm.model.eval()
         inputs = [list(prefix) + ids for ids in self.verbalizer.encode(self.lm.tokenizer, texts)]
-        scores = [self.logits(inputs[i : i + self.batch_size]).float().cpu()
-                  for i in range(0, len(inputs), self.batch_size)]
+        # Scoring a whole evaluation split takes a minute or more on a CPU.
+        batches = tqdm(range(0, len(inputs), self.batch_size), desc=f"scoring {len(inputs)} texts", leave=False)
+        scores = [self.logits(inputs[i : i + self.batch_size]).float().cpu() for i in batches]
         self.lm.model.train(was_training)
         return torch.cat(scores) if scores else torch.zeros(0, len(self.verbalizer.label_token_ids))
 
@@ -323,6 +324,7 @@ def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, P
                 lm, setup.verbalizer, train, splits.dev, cfg, n_classes, cfg.seed + seed,
                 on_record=lambda record: tracker.log({**tag, **record}),
             )
+            tracker.log_weights(method, seed, selected["checkpoint"])
             result = {
                 **evaluate_trained(lm, setup.verbalizer, selected, splits.evaluation, n_classes),
                 "n_train": len(train),

@@ -192,7 +192,7 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
 
     def on_outer_step(record):
         k, r = batch[record["group"]]
-        tracker.log({"class": k, "round": r, **_without_group(record)})
+        tracker.log_outer_step(k, r, _without_group(record))
         if record["group"] == len(batch) - 1:
             steps.set_postfix(d_z=f"{record['grad_distance_z']:.4f}", ppl=f"{record['log_ppl_z']:.2f}")
             steps.update()
@@ -211,7 +211,7 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
             _save_checkpoint(state_path, attempt, faults, state)
             for record in state.records:
                 k, r = batch[record["group"]]
-                tracker.log({"class": k, "round": r, **_without_group(record)})
+                tracker.log_outer_step(k, r, _without_group(record))
         else:
             steps.update(state.next_step - 1 - steps.n)
         try:

@@ -61,6 +61,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         if "generate" in cfg.stages and "n_synthetic" not in summary:
             summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
+            tracker.log_texts("generate", artifacts.read_jsonl(out_dir / "synthetic.jsonl"))
             summary["leakage"] = leakage_audit(cfg, out_dir)
             artifacts.write_json(summary_path, summary)
         # Also when generation was done by an earlier run or job: no later stage reads the private examples.

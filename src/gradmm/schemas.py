@@ -183,6 +183,8 @@ class TrackerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # Fine-tuned weights are uploaded as W&B artifacts only when asked: they are large.
+    upload_weights: bool = False
 
 
 @dataclass
