@@ -8,7 +8,9 @@ import pytest
 from conftest import TINY, compose_config
 
 from gradmm.filtering import filter_examples
+from gradmm.finetune import Classifier
 from gradmm.pipeline import run_job
+from gradmm.tasks import Verbalizer
 from gradmm.tracking import Tracker, dataset_name, headline
 
 EVAL = [
@@ -217,3 +219,10 @@ def test_the_workspace_holds_the_dashboard_panels():
     assert {p.table_name for p in panels["Synthetic texts"]} == {"generate/texts", "filter/texts"}
     assert "summary:accuracy" in built.runset_settings.pinned_columns
     built._to_model()  # what save() would send
+
+
+def test_scoring_texts_shows_its_progress(tiny_lm_factory, capsys):
+    """Scoring an evaluation split takes a minute or more on a CPU: it has a progress bar."""
+    lm = tiny_lm_factory()
+    Classifier(lm, Verbalizer.build(compose_config(TINY).task, lm.tokenizer), batch_size=2).scores(["a", "b", "c"])
+    assert "scoring 3 texts" in capsys.readouterr().err
