@@ -107,8 +107,9 @@ def headline(summary: dict, label_names: list[str]) -> dict:
         figures[f"baseline/{name}/accuracy"] = baseline["mean"]
         figures[f"baseline/{name}/accuracy_std"] = baseline["std"]
         figures.update(_per_class(f"baseline/{name}/accuracy", baseline["per_class_accuracy"], label_names))
-    if "evaluation" in summary:
-        figures.update({f"evaluation/{k}": summary["evaluation"][k] for k in ("train_on", "method", "n_eval")})
+    evaluation = summary.get("evaluation", {})
+    figures.update({f"evaluation/{k}": evaluation[k] for k in ("train_on", "method", "n_eval", "n_dev")
+                    if isinstance(evaluation.get(k), str | int | float)})
     if "failed_rounds" in summary:
         figures["n_failed_rounds"] = len(summary["failed_rounds"])
     if "filter" in summary:
