@@ -9,7 +9,6 @@ from conftest import TINY, compose_config, load_script
 from gradmm import finetune
 from gradmm.finetune import (
     Classifier,
-    checkpoint_applied,
     few_shot_demonstrations,
     make_splits,
     train_and_select,
@@ -17,6 +16,7 @@ from gradmm.finetune import (
 from gradmm.models import load_lm
 from gradmm.pipeline import prepare, run_job
 from gradmm.tasks import load_split, stratified_sample
+from gradmm.tuning import checkpoint_applied
 from gradmm.validation import ConfigError, validate
 
 EVAL = [
@@ -102,7 +102,7 @@ def test_fine_tuning_lowers_the_loss_and_restores_the_weights(tiny_cfg):
 def test_lora_trains_adapters_only_and_removes_them():
     pytest.importorskip("peft")
     cfg = compose_config([*TINY, *EVAL, "evaluate.steps=20", "evaluate.eval_every=10", "evaluate.lrs=[3e-2]",
-                          "evaluate.method=lora", "evaluate.lora_r=4"])
+                          "evaluate/method=lora", "evaluate.method.r=4"])
     validate(cfg)
     setup = prepare(cfg)
     lm = load_lm(cfg.model, cfg.paths.cache_dir)
@@ -144,8 +144,9 @@ def test_classifier_scores_are_the_lm_logits_of_the_label_words(tiny_lm_factory,
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["evaluate.method=adapters"], "evaluate.method"),
-    (["evaluate.method=lora", "evaluate.lora_r=0"], "evaluate.lora_r"),
+    (["evaluate.method._target_=gradmm.tuning.Adapters"], "gradmm.tuning.Adapters"),
+    (["evaluate/method=lora", "evaluate.method.r=0"], "evaluate.method.r=0"),
+    (["+evaluate.method.rank=4"], "unexpected keyword argument 'rank'"),
     (["filter.classifier=few_shot", "filter.few_shot_k=0", "stages=[generate,filter]"], "filter.few_shot_k"),
     (["privacy=dp", "filter.classifier=few_shot", "stages=[generate,filter]"], "few_shot"),
     (["stages=[generate,evaluate]", "evaluate.train_on=synthetic_filtered"], "filter stage"),

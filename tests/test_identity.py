@@ -7,8 +7,11 @@ from conftest import CONF_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmm.identity import NON_SCIENCE_KEYS, science_config, science_hash
+from gradmm.identity import NON_SCIENCE_KEYS, is_science_key, science_config, science_hash
+from gradmm.job_dirs import Job, flatten
+from gradmm.report import differing_keys
 from gradmm.schemas import Config
+from gradmm.sweeps import sweep_name
 
 BASE = science_hash(compose_config(TINY))
 
@@ -92,3 +95,31 @@ def test_resume_false_gets_a_new_directory_every_time_even_within_a_second():
     assert len(fresh) == 3
     resumed, _ = _hydra_dirs(TINY)
     assert all(d.startswith(resumed + "-") for d in fresh), "the science hash still leads the name"
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
+def test_science_keys_are_one_list_for_the_hash_the_report_and_sweep_names():
+    assert all(is_science_key(_override_key(change)) for change in SCIENCE_CHANGES)
+    assert not any(is_science_key(_override_key(change)) for change in NON_SCIENCE_CHANGES)
+    assert not is_science_key("generation.rounds_per_batch") and is_science_key("generation.rounds")
+    assert is_science_key("evaluate/method") and not is_science_key("hydra/sweeper")
+
+
+def test_the_report_shows_only_science_differences(tmp_path):
+    """Two runs of the same science with other stages and batching, and a third with another rho."""
+    def job(name, *overrides):
+        cfg = compose_config([*TINY, *overrides])
+        return Job(tmp_path / name, flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+    jobs = [job("a"), job("b", "stages=[generate,filter]", "generation.rounds_per_batch=2"), job("c", "admm.rho=0.7")]
+    assert differing_keys(jobs) == ["admm.rho"]
+
+
+def test_a_sweep_is_named_after_its_science_overrides_only():
+    overrides = ["admm.rho=0.1,0.5", "stages=[generate]", "tracker=disabled", "generation.rounds_per_batch=4"]
+    config = OmegaConf.create({"hydra": {"overrides": {"task": overrides},
+                                         "runtime": {"choices": {"hydra/sweeper": "basic"}}}})
+    assert sweep_name(config) == "admm.rho=0.1,0.5"

@@ -10,7 +10,6 @@ the better-ranked one); balance the classes and keep at most `n_per_class`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,21 +18,11 @@ from omegaconf import DictConfig
 from gradmm import artifacts
 from gradmm.finetune import Classifier, few_shot_demonstrations
 from gradmm.models import LM
+from gradmm.text import jaccard, words
 from gradmm.tracking import Tracker
 
 if TYPE_CHECKING:
     from gradmm.inputs import Setup
-
-_WORDS = re.compile(r"[a-z0-9']+")
-
-
-def word_set(text: str) -> frozenset[str]:
-    return frozenset(_WORDS.findall(text.lower()))
-
-
-def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
 
 def filter_examples(rows: list[dict], predictions: list[int] | None, n_classes: int, n_per_class: int,
                     near_duplicate: float, log_ppl_weight: float) -> tuple[list[dict], dict, list[str | None]]:
@@ -50,11 +39,11 @@ def filter_examples(rows: list[dict], predictions: list[int] | None, n_classes: 
     kept_words: list[frozenset[str]] = []
     ranked = sorted(candidates, key=lambda i: rows[i]["grad_distance"] + log_ppl_weight * rows[i]["log_ppl"])
     for i in ranked:
-        words = word_set(rows[i]["text"])
-        if any(jaccard(words, other) >= near_duplicate for other in kept_words):
+        text_words = frozenset(words(rows[i]["text"]))
+        if any(jaccard(text_words, other) >= near_duplicate for other in kept_words):
             dropped_by[i] = "duplicate"
             continue
-        kept_words.append(words)
+        kept_words.append(text_words)
         per_class[rows[i]["label"]].append(i)
     quota = min(n_per_class, min(len(c) for c in per_class))
     for c in per_class:

@@ -6,8 +6,8 @@ logits at the last prompt position of `Verbalizer.encode(text)`. Zero-shot and f
 scoring read the same logits, so every number here is about one and the same task loss.
 
 Full fine-tuning trains every weight of the loaded model and restores its original state dict
-afterwards (reloading the model would take far longer); `evaluate.method=lora` trains low-rank
-adapters (peft) instead and removes them afterwards.
+afterwards (reloading the model would take far longer); `evaluate/method=lora` trains low-rank
+adapters (peft) instead and removes them afterwards (gradmm.tuning: one class per method).
 
 Splits: the dev split is sampled from the training split after removing the generator's real examples,
 the random real training subsets are sampled from what remains, and the evaluation split is only read
@@ -20,13 +20,13 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -36,6 +36,7 @@ from gradmm.gradients import OutputLayer
 from gradmm.models import LM
 from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
 from gradmm.tracking import Tracker
+from gradmm.tuning import checkpoint_applied
 
 if TYPE_CHECKING:
     from gradmm.inputs import Setup
@@ -118,93 +119,6 @@ def few_shot_demonstrations(examples: list[Example], k: int, n_classes: int, see
     return demos
 
 
-class _FullWeights:
-    """Every weight trains; checkpoints are whole state dicts."""
-
-    def __init__(self, lm: LM, ev: DictConfig):
-        self.lm = lm
-        self.original = _copy_state(lm.model.state_dict())
-
-    def start(self, seed: int) -> list[torch.nn.Parameter]:
-        self.lm.model.load_state_dict(self.original)
-        for p in self.lm.model.parameters():
-            p.requires_grad_(True)
-        return list(self.lm.model.parameters())
-
-    def checkpoint(self) -> dict:
-        return {"method": "full", "weights": _copy_state(self.lm.model.state_dict())}
-
-    def close(self) -> None:
-        self.lm.model.load_state_dict(self.original)
-        for p in self.lm.model.parameters():
-            p.requires_grad_(False)
-
-    @staticmethod
-    @contextmanager
-    def applied(lm: LM, checkpoint: dict) -> Iterator[None]:
-        original = _copy_state(lm.model.state_dict())
-        try:
-            lm.model.load_state_dict(checkpoint["weights"])
-            yield
-        finally:
-            lm.model.load_state_dict(original)
-
-
-class _LoRA:
-    """Low-rank adapters on every linear layer but the output layer (peft's "all-linear"); the base
-    weights never change, checkpoints hold the adapters only."""
-
-    def __init__(self, lm: LM, ev: DictConfig):
-        self.lm, self.ev, self.peft_model = lm, ev, None
-
-    @staticmethod
-    def _config(r: int, alpha: float):
-        from peft import LoraConfig
-
-        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear")
-
-    def start(self, seed: int) -> list[torch.nn.Parameter]:
-        from peft import get_peft_model
-
-        self.close()
-        # The adapters' random initialisation is part of the training seed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # get_peft_model injects the adapters into lm.model's own modules, so LM.last_hidden uses them.
-            self.peft_model = get_peft_model(self.lm.model, self._config(self.ev.lora_r, self.ev.lora_alpha))
-        return [p for p in self.lm.model.parameters() if p.requires_grad]
-
-    def checkpoint(self) -> dict:
-        from peft import get_peft_model_state_dict
-
-        adapters = _copy_state(get_peft_model_state_dict(self.peft_model))
-        return {"method": "lora", "r": self.ev.lora_r, "alpha": self.ev.lora_alpha, "weights": adapters}
-
-    def close(self) -> None:
-        if self.peft_model is not None:
-            self.peft_model.unload()
-            self.peft_model = None
-
-    @classmethod
-    @contextmanager
-    def applied(cls, lm: LM, checkpoint: dict) -> Iterator[None]:
-        from peft import get_peft_model, set_peft_model_state_dict
-
-        peft_model = get_peft_model(lm.model, cls._config(checkpoint["r"], checkpoint["alpha"]))
-        try:
-            set_peft_model_state_dict(peft_model, checkpoint["weights"])
-            yield
-        finally:
-            peft_model.unload()
-
-
-_METHODS = {"full": _FullWeights, "lora": _LoRA}
-
-
-def _copy_state(state: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
 def train_and_select(lm: LM, verbalizer: Verbalizer, train: list[Example], dev: list[Example],
                      cfg: DictConfig, n_classes: int, seed: int,
                      on_record: Callable[[dict], None] | None = None) -> dict:
@@ -216,7 +130,8 @@ def train_and_select(lm: LM, verbalizer: Verbalizer, train: list[Example], dev: 
     if not train:
         raise ValueError(f"nothing to fine-tune on: the evaluate.train_on={ev.train_on} set is empty.")
     classifier = Classifier(lm, verbalizer, ev.batch_size * 2)
-    tuning = _METHODS[ev.method](lm, ev)
+    tuning = instantiate(ev.method)
+    tuning.bind(lm)
     best = {"dev_accuracy": -1.0}
     dev_curve = {}
     try:
@@ -268,13 +183,6 @@ def _train(lm, classifier, tuning, train, dev, ev, lr, n_classes, seed, best, on
             if dev_accuracy > best["dev_accuracy"]:
                 best.update(dev_accuracy=dev_accuracy, lr=lr, step=step, checkpoint=tuning.checkpoint())
     return curve
-
-
-@contextmanager
-def checkpoint_applied(lm: LM, checkpoint: dict) -> Iterator[None]:
-    """The model with a checkpoint from `train_and_select` in place; the original model on exit."""
-    with _METHODS[checkpoint["method"]].applied(lm, checkpoint):
-        yield
 
 
 def evaluate_trained(lm: LM, verbalizer: Verbalizer, selected: dict, evaluation: list[Example],
@@ -354,7 +262,7 @@ def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, P
         "accuracy": main_result["mean"],
         "accuracy_std": main_result["std"],
         "per_class_accuracy": main_result["per_class_accuracy"],
-        "evaluation": {"train_on": ev.train_on, "method": ev.method, "n_eval": len(splits.evaluation),
+        "evaluation": {"train_on": ev.train_on, "method": instantiate(ev.method).name, "n_eval": len(splits.evaluation),
                        "n_dev": len(splits.dev), **main_result},
         "baselines": {name: {k: b[k] for k in ("mean", "std", "per_class_accuracy", "n_train")}
                       for name, b in baselines.items()},

@@ -12,7 +12,6 @@ from gradmm.tasks import Example, Verbalizer
 class Setup:
     """Everything tokenizer-level, checked before the model is loaded."""
 
-    tokenizer: object
     verbalizer: Verbalizer
     prefix_ids: list[int]
     # Under privacy=dp a `privacy.PrivateExamples`, sealed by the private release.

@@ -125,10 +125,12 @@ class LM:
         return ids, lengths
 
 
-def load_lm(cfg: DictConfig, cache_dir: str | Path) -> LM:
+def load_lm(cfg: DictConfig, cache_dir: str | Path, tokenizer=None) -> LM:
+    """The model, with `tokenizer` when the caller already loaded it (to check the config with it)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg, cache_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg, cache_dir)
     extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.source == "tiny":
         model = _tiny_model(cfg, len(tokenizer), tokenizer, extra)

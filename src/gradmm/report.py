@@ -27,10 +27,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from gradmm import artifacts
+from gradmm.identity import is_science_key
 from gradmm.job_dirs import Job, find_jobs, flatten, load_job, numeric  # noqa: F401 - the report's API
 
-# Keys that say where or how a job ran, not what it computed.
-IGNORED_PREFIXES = ("paths.", "tracker.", "validate_only", "resume", "cache_targets", "objective.")
 # Final figures: (summary.json key, column title, better when lower).
 FIGURES = (
     ("grad_distance_set", "grad distance (set)", True),
@@ -44,7 +43,7 @@ CURVES = (("grad_distance_z", "gradient distance of the projected tokens"), ("lo
 
 def differing_keys(jobs: list[Job]) -> list[str]:
     jobs = [job for job in jobs if job.config]  # a job whose config.yaml is unreadable differs in nothing
-    keys = sorted({k for job in jobs for k in job.config if not k.startswith(IGNORED_PREFIXES)})
+    keys = sorted({k for job in jobs for k in job.config if is_science_key(k)})
     return [k for k in keys if len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) > 1]
 
 

@@ -7,7 +7,7 @@ composition. Rules a type cannot express live in gradmm.validation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -60,6 +60,10 @@ class ModelConfig:
     # bfloat16/float16 (null: off; ignored off CUDA) with float32 weights (model.dtype=float32).
     compile: bool = False
     autocast: Optional[str] = None
+    # The linear layers whose gradient carries the classes on this model, as regular expressions over
+    # module names: what matching=block and matching=lora_block match. Measured per model with
+    # experiments/class_signal.py (docs/method.md section 11); unmeasured models name their middle block.
+    class_signal_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -169,10 +173,9 @@ class EvaluateConfig:
     few_shot_k: int = 4
     # Evaluate on a seeded stratified sample of the evaluation split (null: all of it).
     max_eval: Optional[int] = None
-    # full: every weight trains; lora: low-rank adapters on every linear layer (the `lora` extra).
-    method: str = "full"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    # What trains: a gradmm.tuning class and its settings, from conf/evaluate/method/ (evaluate/method=lora).
+    # Any, so that a new method's settings need no schema change; validation builds it to check them.
+    method: Any = field(default_factory=lambda: {"_target_": "gradmm.tuning.FullWeights"})
 
 
 @dataclass

@@ -14,7 +14,8 @@ from gradmm.gradients import balanced_union_distance, example_distances, set_dis
 from gradmm.inputs import Setup
 from gradmm.matched import text_features
 from gradmm.models import LM, mean_nll
-from gradmm.tasks import load_split, stratified_sample
+from gradmm.projection import random_allowed_tokens
+from gradmm.tasks import generator_examples
 
 
 def score_texts(lm: LM, setup: Setup, head, targets, texts: list[str], labels: list[int], distance):
@@ -52,9 +53,7 @@ def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
     """What the synthetic texts share with the real examples the generator saw (leakage.jsonl and
     summary figures). A post-hoc audit: it reloads those examples itself, since under privacy=dp they
     are sealed, and nothing reads its result back."""
-    real = stratified_sample(
-        load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
-    )
+    real = generator_examples(cfg)
     synthetic = [row["text"] for row in artifacts.read_jsonl(out_dir / "synthetic.jsonl")]
     rows, figures = privacy.leakage_report(synthetic, [ex.text for ex in real])
     artifacts.write_jsonl(out_dir / "leakage.jsonl", rows)
@@ -96,7 +95,5 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
 
 
 def _random_texts(lm: LM, allowed: torch.Tensor, n: int, length: int, seed: int) -> list[str]:
-    allowed_ids = allowed.nonzero().squeeze(-1)
-    generator = torch.Generator().manual_seed(seed + 7)
-    picks = allowed_ids[torch.randint(len(allowed_ids), (n, length), generator=generator)]
+    picks = random_allowed_tokens(allowed, n, length, torch.Generator().manual_seed(seed + 7))
     return [lm.tokenizer.decode(seq).strip() for seq in picks.tolist()]

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm import artifacts
+from gradmm.identity import is_science_key
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ SWEEP_GROUP_ENV = "GRADMM_SWEEP_GROUP"
 # W&B's limits on a group name and on a tag.
 MAX_GROUP, MAX_TAG = 128, 64
 ERROR_FILE = "error.json"
-# Overrides that do not change what a sweep computes, left out of its name.
-UNNAMED = ("paths.", "tracker.", "hydra.")
 
 
 def objective_value(cfg: DictConfig, summary: dict) -> float | None:
@@ -83,7 +82,8 @@ def sweep_name(config: DictConfig) -> str:
     """A name for the whole sweep: its command-line overrides (with their comma lists and ranges) and
     its sweeper, leaving out where it writes and logs. Re-running the same sweep gives the same name, as
     its jobs find the same directories."""
-    parts = sorted(o for o in config.hydra.overrides.task if not o.lstrip("+~").startswith(UNNAMED))
+    # Overrides that do not change what a sweep computes are left out of its name.
+    parts = sorted(o for o in config.hydra.overrides.task if is_science_key(o.split("=", 1)[0]))
     sweeper = config.hydra.runtime.choices.get("hydra/sweeper")
     if sweeper not in (None, "basic"):
         parts.append(f"hydra/sweeper={sweeper}")

@@ -56,9 +56,6 @@ class Verbalizer:
         encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return [ids[: self.max_text_tokens] + self.prompt_ids for ids in encoded]
 
-    def wrap(self, text_ids: list[int]) -> list[int]:
-        return list(text_ids) + self.prompt_ids
-
 
 def load_split(cfg: DictConfig, split: str) -> list[Example]:
     """Reads a split from paths.data_dir when set, else from the Hugging Face hub."""
@@ -141,6 +138,14 @@ def _read_hub(task: DictConfig, split: str) -> list[dict]:
     ds = datasets.load_dataset(task.hub_id, task.hub_config, split=task.hub_splits.get(split, split))
     text_field = "text" if "text" in ds.column_names else "sentence"
     return [{"text": r[text_field], "label": int(r["label"])} for r in ds]
+
+
+def generator_examples(cfg: DictConfig) -> list[Example]:
+    """The real examples the generator sees: generation.n_real of the training split, stratified by
+    class and drawn with cfg.seed. Every reader (generation, the leakage audit, the evaluation's
+    disjoint splits) takes them from here, so they cannot disagree about which examples these are."""
+    train = load_split(cfg, cfg.task.train_split)
+    return stratified_sample(train, cfg.generation.n_real, len(cfg.task.label_names), cfg.seed)
 
 
 def class_quotas(n: int, n_classes: int) -> list[int]:

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm import input_checks
@@ -18,6 +18,7 @@ from gradmm.matched import MATCHED_GRADIENTS
 from gradmm.projection import allowed_vocabulary
 from gradmm.sweeps import in_multirun
 from gradmm.tasks import DataFileError, Verbalizer, label_counts, split_path
+from gradmm.tuning import FineTuning
 
 PROJECTORS = ("nearest", "topk_lm", "matching_lm")
 MODEL_SOURCES = ("gguf_package", "hub", "tiny")
@@ -31,7 +32,6 @@ RELATIONS = ("add_remove", "replace_one")
 # Evaluations that train on or show the model the generator's real examples: not private.
 PRIVATE_EVALUATIONS = ("real_seen", "few_shot")
 FILTER_CLASSIFIERS = ("zero_shot", "few_shot", "none")
-FINETUNE_METHODS = ("full", "lora")
 TRAIN_ON = ("synthetic", "synthetic_filtered", "real_seen", "real_random")
 BASELINES = ("zero_shot", "few_shot", "real_seen", "real_random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -54,6 +54,20 @@ class ConfigError(ValueError):
 def _choice(problems: list[str], key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         problems.append(f"{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_component(problems: list[str], key: str, node: Any, base: type) -> None:
+    """A component built from its yaml's _target_ (conf/<group>/): building it runs its own checks."""
+    options = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in base.__subclasses__())
+    try:
+        component = instantiate(node)
+    except Exception as error:  # noqa: BLE001 - whatever the class objects to is the problem to report
+        reason = error.__cause__ if error.__cause__ is not None else error
+        problems.append(f"{key} ({OmegaConf.select(node, '_target_', default=node)!r}) cannot be built: "
+                        f"{str(reason).rstrip('.')}; the options are {options}.")
+        return
+    if not isinstance(component, base):
+        problems.append(f"{key}={node!r} builds a {type(component).__name__}, not one of {options}.")
 
 
 def _positive(problems: list[str], key: str, value: Any) -> None:
@@ -273,12 +287,7 @@ def _check_filter_and_evaluate(problems: list[str], cfg: DictConfig, train_count
             "filter.classifier=few_shot shows the model real examples the DP guarantee covers; use "
             "filter.classifier=zero_shot or none with privacy=dp."
         )
-    _choice(problems, "evaluate.method", ev.method, FINETUNE_METHODS)
-    if ev.method == "lora":
-        _positive(problems, "evaluate.lora_r", ev.lora_r)
-        _positive(problems, "evaluate.lora_alpha", ev.lora_alpha)
-        if importlib.util.find_spec("peft") is None:
-            problems.append("evaluate.method=lora needs peft: pip install -e '.[lora]'.")
+    _check_component(problems, "evaluate.method", ev.method, FineTuning)
     if len(set(ev.baselines)) != len(ev.baselines):
         problems.append(f"evaluate.baselines={list(ev.baselines)} names a baseline twice.")
     if "evaluate" not in stages:
