@@ -1,4 +1,4 @@
-"""The closed form of method.md section 2 against plain autograd, in float64."""
+"""The closed form of docs/method.md section 2 against plain autograd, in float64."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""ADMM over synthetic input embeddings (method.md section 3), for a batch of one or more groups.
+"""ADMM over synthetic input embeddings (docs/method.md section 3), for a batch of one or more groups.
 
 A group is one round of one class: B sequences matched against that class's objective. Several groups
 can run side by side in one batch (`generation.rounds_per_batch`, for accelerators that a batch of B

@@ -1,4 +1,4 @@
-"""Keep the best synthetic examples (method.md section 6).
+"""Keep the best synthetic examples (docs/method.md section 6).
 
 Rules, in order: drop texts the model, as a zero-shot or few-shot classifier with the task's
 verbalizer (`finetune.Classifier`, the classifier evaluation measures; its scores calibrated by

@@ -1,4 +1,4 @@
-"""Downstream evaluation (method.md section 7): fine-tune the LM as a classifier over the label words'
+"""Downstream evaluation (docs/method.md section 7): fine-tune the LM as a classifier over the label words'
 scores, select learning rate and checkpoint on a dev split, report accuracy on the evaluation split.
 
 The classifier is the one generation matched: `OutputLayer(...).loss` over the label words' first-token

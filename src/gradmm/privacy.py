@@ -1,4 +1,4 @@
-"""Differentially private targets (method.md section 5) and the leakage audit.
+"""Differentially private targets (docs/method.md section 5) and the leakage audit.
 
 What is protected: the private dataset D is the generator's real examples (the stratified sample of
 `generation.n_real` from the training split). The guarantee covers everything a privacy=dp job derives

@@ -1,4 +1,4 @@
-"""From continuous embeddings to readable tokens (method.md section 4).
+"""From continuous embeddings to readable tokens (docs/method.md section 4).
 
 Three projectors share one incremental decode (`decode`): the LM reads `lm_prefix` and the tokens
 chosen so far through its KV cache, one batched step per position, and a projector-specific rule picks
@@ -9,7 +9,7 @@ each row's next token from the final hidden state.
 - matching_lm: among the top-k by cosine that are also among the LM's `lm_topk` likely next tokens,
   or the current token, whichever maximises LM log-probability minus `match_weight` x the exact
   change of the set's discrete matching loss. The paper's projection ignores x on SmolLM2
-  (method.md section 9); this one is pulled toward lower discrete loss, which is what the method is
+  (docs/method.md section 9); this one is pulled toward lower discrete loss, which is what the method is
   judged by. `exact_candidates` per row and position, pre-ranked by a first-order estimate, are scored
   exactly in one batched forward that reuses the KV cache of the positions already decided.
 """
