@@ -352,3 +352,17 @@ def test_the_secure_noise_is_gaussian_with_the_stated_deviation(monkeypatch):
     assert abs(z.pow(4).mean() - 3) < 0.05, "a Gaussian's fourth moment"
     assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 0.01, "neighbours independent"
     assert abs((z.abs() > 1.96).float().mean() - 0.05) < 0.003
+
+
+@pytest.mark.parametrize("change,new_entry", [
+    ("matching.kind=lora", True), ("matching.modules=[model.layers.0.mlp.up_proj]", True),
+    ("matching.lora_rank=4", True), ("matching.loss=full_vocab", True),
+    ("matching.distance=l2", False), ("matching.union_weight=0.5", False),
+])
+def test_the_target_key_holds_what_is_matched_and_nothing_after(change, new_entry, tmp_path):
+    """A stale entry of another matched gradient must never be read; a sweep over how targets are
+    compared must not draw new ones."""
+    cfg = compose_config([*TINY, f"paths.target_cache_dir={tmp_path}"])
+    before = target_cache.entry_path(tmp_path, target_cache.target_key(cfg, REAL))
+    changed = compose_config([*TINY, f"paths.target_cache_dir={tmp_path}", change])
+    assert (target_cache.entry_path(tmp_path, target_cache.target_key(changed, REAL)) != before) == new_entry

@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from gradmm import artifacts, privacy
-from gradmm.admm import AdmmParams, Initialisation, NumericalFault, RoundState, run_round, start_round
+from gradmm.admm import (
+    AdmmParams,
+    Initialisation,
+    NumericalFault,
+    RoundResult,
+    RoundState,
+    run_round,
+    start_round,
+)
 from gradmm.gradients import Gradient, Objective, OutputLayer, class_targets, vsum
 from gradmm.inputs import Setup
 from gradmm.matched import build_matched_gradient, text_features
@@ -41,6 +49,10 @@ def matched_gradient(cfg: DictConfig, setup: Setup, lm: LM):
     return matched
 
 
+class AllRoundsFailed(RuntimeError):
+    """No round produced a synthetic text."""
+
+
 def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
     head = matched_gradient(cfg, setup, lm)
     targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
@@ -50,6 +62,12 @@ def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Trac
     rows, failed = generate_rounds(cfg, setup, lm, head, targets, allowed, tracker, out_dir)
     if not processes(cfg).is_main_process:
         return {}
+    if not rows:
+        # Nothing to score: say so, and keep what failed where a re-run and the report will find it.
+        artifacts.write_json(out_dir / "summary.json", {"failed_rounds": failed, "output_dir": str(out_dir)})
+        raise AllRoundsFailed(f"every round failed ({len(failed)} of them, after generation.max_restarts="
+                              f"{cfg.generation.max_restarts} restarts each); see failed_rounds in "
+                              f"{out_dir / 'summary.json'} and the faults in {out_dir / 'rounds'}/.")
     summary = score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, started, failed)
     return {**summary, **({"privacy": release} if release else {})}
 
@@ -150,14 +168,28 @@ def _load_round(rounds_dir: Path, k: int, r: int) -> dict | None:
 
 def _load_checkpoint(state_path: Path) -> dict:
     """The batch in progress: its attempt number, the faults of earlier attempts, and its RoundState
-    (None right after a fault: the attempt starts from its fresh initialisation)."""
-    if state_path.is_file():
-        return torch.load(state_path, weights_only=False)
-    return {"attempt": 0, "faults": [], "state": None}
+    (None right after a fault: the attempt starts from its fresh initialisation). Tensors and plain
+    values only (weights_only=True: a planted pickle runs nothing); a checkpoint that cannot be read is
+    named, moved aside and its batch starts again from its seeded initialisation."""
+    fresh = {"attempt": 0, "faults": [], "state": None}
+    if not state_path.is_file():
+        return fresh
+    try:
+        saved = torch.load(state_path, weights_only=True)
+        state = saved["state"]
+        if state is not None:
+            state = RoundState(**{**state, "best": [RoundResult(**best) for best in state["best"]]})
+        return {"attempt": int(saved["attempt"]), "faults": list(saved["faults"]), "state": state}
+    except Exception as error:  # noqa: BLE001 - whatever is wrong with it, the checkpoint cannot be used
+        aside = state_path.with_name(f"{state_path.name}.broken")
+        state_path.replace(aside)
+        log.warning("checkpoint %s is unreadable (%s); moved to %s, its rounds start again", state_path, error, aside)
+        return fresh
 
 
 def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: RoundState | None) -> None:
-    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": state})
+    plain = None if state is None else {**vars(state), "best": [vars(best) for best in state.best]}
+    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": plain})
 
 
 def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, pending) -> None:

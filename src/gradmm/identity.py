@@ -15,6 +15,7 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm.fingerprint import data_fingerprint
 from gradmm.input_checks import unsafe_name
 
 # The keys that do not change what a job computes: how it runs, where it writes, what it reports and
@@ -23,14 +24,6 @@ from gradmm.input_checks import unsafe_name
 # rounds, up to float rounding), so a job can resume with another batching that fits its memory.
 NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
                     "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon")
-
-
-def is_science_key(key: str) -> bool:
-    """Whether a dotted config key (`admm.rho`), or an override's key (`hydra/sweeper`, a group as
-    `evaluate/method`), can change what a job computes: false for NON_SCIENCE_KEYS, what lies below
-    them (`paths.output_root`) and Hydra's own keys."""
-    dotted = key.lstrip("+~").replace("/", ".")
-    return not any(dotted == k or dotted.startswith(f"{k}.") for k in (*NON_SCIENCE_KEYS, "hydra"))
 
 
 def science_config(cfg: DictConfig) -> dict:
@@ -50,7 +43,10 @@ def science_config(cfg: DictConfig) -> dict:
 
 
 def science_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(science_config(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    """Of the science config and of the data the job reads (gradmm.fingerprint): other data is other
+    science, and the same data in another folder is the same."""
+    science = {"config": science_config(cfg), "data": data_fingerprint(cfg)}
+    return hashlib.sha256(json.dumps(science, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_id(*, _root_: DictConfig) -> str:

@@ -77,6 +77,11 @@ def check_files(problems: list[str], cfg: DictConfig) -> None:
             label_counts(path, bound)
         except DataFileError as error:
             problems.append(str(error))
+    if source is not None and "generate" not in cfg.stages and cfg.privacy.name == "dp":
+        from gradmm.job_dir import private_source_problem  # it imports gradmm.identity, which imports this
+
+        if problem := private_source_problem(cfg, Path(source)):
+            problems.append(problem)
 
 
 def label_bound(cfg: DictConfig) -> int | None:

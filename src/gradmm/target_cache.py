@@ -7,7 +7,7 @@ under privacy=dp, a fresh draw of noise that should be released once, not once p
 
 The key is everything the targets depend on: the model and task configs, the real examples
 themselves (row ids, labels and a hash of their texts, so an edited data file misses), the seed,
-the matching loss, the privacy settings, and the code and library versions
+what is matched (matching.kind, modules, loss, ...), the privacy settings, and the code and library versions
 that compute them (so a changed formula never reads a stale entry). Generation settings are not in
 it: that is what lets a sweep share one entry.
 
@@ -38,7 +38,7 @@ import transformers
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts, gradients, ledger, models, privacy, tasks
+from gradmm import artifacts, gradients, ledger, matched, models, privacy, tasks
 from gradmm.tasks import Example
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Targets = tuple[list[torch.Tensor], dict]
 
 # The modules whose code decides the targets' values.
-_SOURCES = (gradients, models, privacy, tasks)
+_SOURCES = (gradients, matched, models, privacy, tasks)
 
 
 def _container(cfg: DictConfig, key: str):
@@ -56,6 +56,8 @@ def _container(cfg: DictConfig, key: str):
 
 # Privacy settings that decide whether a release may happen, not what it holds.
 _NOT_IN_RELEASE = ("budget_epsilon",)
+# Matching settings that weigh targets against each other during generation, after they are computed.
+_NOT_IN_TARGETS = ("distance", "union_weight")
 
 
 def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
@@ -68,7 +70,7 @@ def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
         "real": {"ids": [ex.index for ex in real], "labels": [ex.label for ex in real],
                  "texts_sha256": texts},
         "seed": cfg.seed,
-        "matching_loss": cfg.matching.loss,
+        "matching": {k: v for k, v in _container(cfg, "matching").items() if k not in _NOT_IN_TARGETS},
         "privacy": release,
         "code_sha256": code,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

@@ -1,0 +1,80 @@
+"""Fingerprints of the data a job reads, part of its run identity (gradmm.identity).
+
+A job's directory is named after its science config and these fingerprints, so edited data files,
+another paths.data_dir holding other data, or the hub instead of local files never resume an old
+job, while identical data moved to another folder does. Local splits are identified by the SHA-256
+of their bytes; a hub dataset by its id and config (its revision is not pinned: a changed hub
+dataset is not detected).
+
+Under privacy=dp a plain hash of the training file would be a function of the private examples
+published in every job directory's name: anyone who knows the rest of the file could test guesses of
+an example against it. There the fingerprints are keyed (HMAC) with the target cache's secret
+(gradmm.ledger), so they still match exactly when the data does and say nothing to anyone else.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gradmm import ledger
+from gradmm.tasks import split_path
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file misses
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    if not path.is_file():
+        return "missing"
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def data_fingerprint(cfg: DictConfig) -> dict:
+    """What identifies the data this job reads: its training and evaluation splits, and the synthetic
+    texts of data.synthetic_from when it reads them."""
+    if cfg.paths.data_dir is None:
+        splits = {"hub_id": cfg.task.hub_id, "hub_config": cfg.task.hub_config}
+    else:
+        splits = {split: file_sha256(split_path(cfg, split))
+                  for split in sorted({cfg.task.train_split, cfg.task.eval_split})}
+    source = cfg.data.synthetic_from
+    if source is not None:
+        splits.update({f"synthetic_from/{name}": file_sha256(Path(source) / name)
+                       for name in ("synthetic.jsonl", "synthetic_filtered.jsonl")})
+    if cfg.privacy.name == "dp":
+        return {name: _keyed(cfg, value) for name, value in splits.items()}
+    return splits
+
+
+def private_examples_id(cfg: DictConfig) -> str:
+    """Identifies the generator's real examples (the DP-protected ones) without revealing them: the
+    training data and everything that picks the sample from it, keyed as above."""
+    what = {"train": _train_identity(cfg), "split": cfg.task.train_split, "n_real": cfg.generation.n_real,
+            "seed": cfg.seed, "source_labels": _list(cfg.task.source_labels), "classes": len(cfg.task.label_names)}
+    return _keyed(cfg, json.dumps(what, sort_keys=True))
+
+
+def _train_identity(cfg: DictConfig) -> str:
+    if cfg.paths.data_dir is None:
+        return f"hub:{cfg.task.hub_id}:{cfg.task.hub_config}"
+    return file_sha256(split_path(cfg, cfg.task.train_split))
+
+
+def _list(value):
+    return None if value is None else list(value)
+
+
+def _keyed(cfg: DictConfig, value: str | None) -> str | None:
+    return None if value is None else ledger.keyed_digest(cfg.paths.target_cache_dir, value.encode())[:32]

@@ -1,0 +1,127 @@
+"""Which job a directory holds, and what a resumed run finds there.
+
+Every job directory records its identity (identity.json: the science hash, the science config and
+the data fingerprint, gradmm.identity and gradmm.fingerprint) before anything else is written. A run
+pointed at a directory that holds another job (hydra.run.dir=X with another admm.rho, edited data,
+another data folder with other data) is refused with the keys that differ, and nothing there is
+touched: config.yaml is never overwritten with another science config, and an old summary is never
+returned for a new config. A run that resumes says so, before any work: which directory, what is done
+and where it continues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gradmm import artifacts
+from gradmm.fingerprint import data_fingerprint, private_examples_id
+from gradmm.identity import science_config, science_hash
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+
+
+class JobDirError(RuntimeError):
+    """The directory holds another job's work, or an identity that cannot be read."""
+
+
+def identity(cfg: DictConfig) -> dict:
+    record = {"science_hash": science_hash(cfg), "science": science_config(cfg), "data": data_fingerprint(cfg)}
+    if cfg.privacy.name == "dp":
+        record["private_examples"] = private_examples_id(cfg)
+    return record
+
+
+def claim(cfg: DictConfig, out_dir: Path) -> None:
+    """Records this job's identity in out_dir, or refuses a directory that holds another job's."""
+    mine = identity(cfg)
+    earlier = read_identity(out_dir)
+    if earlier is None and (out_dir / "config.yaml").is_file():
+        # A job directory from before identity.json: its science config is all there is to compare.
+        legacy = science_config(OmegaConf.load(out_dir / "config.yaml"))
+        earlier = {"science_hash": None, "science": legacy, "data": mine["data"]}
+        if legacy == mine["science"]:
+            log.warning("%s predates identity.json: its data cannot be checked against this run's", out_dir)
+            earlier["science_hash"] = mine["science_hash"]
+    if earlier is not None and earlier["science_hash"] != mine["science_hash"]:
+        differing = _differences({**earlier["science"], "data_files": earlier.get("data")},
+                                 {**mine["science"], "data_files": mine["data"]})
+        raise JobDirError(
+            f"{out_dir} holds another job's work (science hash {earlier['science_hash']}; this config's is "
+            f"{mine['science_hash']}). It differs in: {'; '.join(differing) or 'its identity record'}. Nothing "
+            "there was changed. Run without hydra.run.dir to get this config's own directory, or name another."
+        )
+    if earlier is not None:
+        log_resume(cfg, out_dir)
+    artifacts.write_json(out_dir / IDENTITY_FILE, mine)
+
+
+def read_identity(out_dir: Path) -> dict | None:
+    path = out_dir / IDENTITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("science"), dict):
+            raise ValueError("not an identity record")
+        return record
+    except (OSError, ValueError) as error:
+        raise JobDirError(f"{path} is unreadable ({error}): which job {out_dir} holds is unknown, so nothing "
+                          "is resumed there. Restore the file, or run in another directory.") from error
+
+
+def log_resume(cfg: DictConfig, out_dir: Path) -> None:
+    """What a resumed run finds, before it does any work."""
+    summary = _json(out_dir / "summary.json") or {}
+    n_rounds = len(cfg.task.label_names) * cfg.generation.rounds
+    done = len(list((out_dir / "rounds").glob("class*_round*.json")))
+    in_progress = sorted(p.name for p in (out_dir / "rounds").glob("*.state.pt"))
+    trained = len(list((out_dir / "evaluation").glob("*.json")))
+    stages = {"generate": "n_synthetic" in summary, "filter": "filter" in summary, "evaluate": "accuracy" in summary}
+    pending = [stage for stage in cfg.stages if not stages.get(stage)]
+    log.info("resuming the job in %s: %d of %d rounds done%s; filter %s; %d trained model(s) done; %s",
+             out_dir, done, n_rounds, f" ({', '.join(in_progress)} in progress)" if in_progress else "",
+             "done" if stages["filter"] else "not done", trained,
+             f"continuing with {pending[0]}" if pending else "every stage asked for is done")
+
+
+def private_source_problem(cfg: DictConfig, source: Path) -> str | None:
+    """Why, under privacy=dp, the job in `source` may not feed this one (None when it may): only the
+    synthetic texts of a privacy=dp job made from these same private examples are covered."""
+    key = f"data.synthetic_from={str(source)!r}"
+    try:
+        record = read_identity(source)
+    except JobDirError as error:
+        return f"{key}: {error}"
+    if record is None:
+        return f"{key} has no {IDENTITY_FILE}, so it cannot be shown to be a privacy=dp job; under privacy=dp " \
+               "only a privacy=dp job's texts, made from the same private examples, may be read."
+    if record["science"].get("privacy", {}).get("name") != "dp":
+        return f"{key} is a privacy=none job: its texts are not private, and this job would say they were."
+    if record.get("private_examples") != private_examples_id(cfg):
+        return f"{key} was made from other private examples (another task, data, seed, n_real or " \
+               "paths.target_cache_dir): this job's DP guarantee would not cover them."
+    return None
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {json.dumps(a)} there, {json.dumps(b)} now")
+    return found
