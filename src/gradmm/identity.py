@@ -26,6 +26,14 @@ NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "ob
                     "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon")
 
 
+def is_science_key(key: str) -> bool:
+    """Whether a dotted config key (`admm.rho`), or an override's key (`hydra/sweeper`, a group as
+    `evaluate/method`), can change what a job computes: false for NON_SCIENCE_KEYS, what lies below
+    them (`paths.output_root`) and Hydra's own keys."""
+    dotted = key.lstrip("+~").replace("/", ".")
+    return not any(dotted == k or dotted.startswith(f"{k}.") for k in (*NON_SCIENCE_KEYS, "hydra"))
+
+
 def science_config(cfg: DictConfig) -> dict:
     """cfg resolved, without hydra's node and NON_SCIENCE_KEYS."""
     science = {

@@ -17,22 +17,22 @@ from gradmm.generate import generate, processes
 from gradmm.inputs import Setup
 from gradmm.models import load_lm, load_tokenizer
 from gradmm.scoring import leakage_audit
-from gradmm.tasks import load_split, stratified_sample
+from gradmm.tasks import generator_examples
 from gradmm.tracking import Tracker
 from gradmm.validation import check_tokenizer
 
 
-def prepare(cfg: DictConfig) -> Setup:
-    """The tokenizer-level checks, then the generator's real examples (sealed-to-be under privacy=dp)."""
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+def prepare(cfg: DictConfig, tokenizer=None) -> Setup:
+    """The tokenizer-level checks (loading the tokenizer unless given), then the generator's real
+    examples, to be sealed by the release under privacy=dp."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     verbalizer = check_tokenizer(cfg, tokenizer)
-    real = stratified_sample(
-        load_split(cfg, cfg.task.train_split), cfg.generation.n_real, len(cfg.task.label_names), cfg.seed
-    )
+    real = generator_examples(cfg)
     if cfg.privacy.name == "dp":
         real = privacy.PrivateExamples(real)
     prefix_ids = tokenizer.encode(cfg.task.lm_prefix, add_special_tokens=False)
-    return Setup(tokenizer, verbalizer, prefix_ids, real)
+    return Setup(verbalizer, prefix_ids, real)
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict:
@@ -44,8 +44,9 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         # Refuses a directory holding another job's work before anything there is written.
         job_dir.claim(cfg, out_dir)
         artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    setup = prepare(cfg)
-    lm = load_lm(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    setup = prepare(cfg, tokenizer)
+    lm = load_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
     torch.manual_seed(cfg.seed)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
