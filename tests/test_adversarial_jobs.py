@@ -273,3 +273,43 @@ def test_dp_reads_synthetic_texts_only_from_a_dp_job_on_the_same_examples(source
 def test_dp_accepts_a_dp_job_on_the_same_examples(data, tmp_path):
     source = _source(_cfg(data, *DP, root=tmp_path), tmp_path / "source")
     validate(_cfg(data, *DP, *FROM, f"data.synthetic_from={source}", root=tmp_path))
+
+
+def _dp_job(data, tmp_path, *extra):
+    cfg = _cfg(data, *DP, *extra, root=tmp_path / "out")
+    validate(cfg)
+    return cfg, pipeline.run_job(cfg, tmp_path / "job")
+
+
+def _published(path):
+    return {p: p.read_text() for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")}
+
+
+def test_under_dp_the_audit_is_not_run_into_the_job_or_its_summary(data, tmp_path, capsys):
+    from gradmm.cli import print_summary
+    from gradmm.tasks import generator_examples
+
+    cfg, summary = _dp_job(data, tmp_path)
+    assert not list((tmp_path / "job").rglob("leakage*"))
+    assert set(summary["leakage"]) == {"audit"} and "outside the DP guarantee" in summary["leakage"]["audit"]
+    print_summary(summary, tmp_path / "job")
+    assert "leakage audit" not in capsys.readouterr().out
+    texts = [ex.text for ex in generator_examples(cfg) if len(ex.text.split()) >= 4]
+    for path, content in _published(tmp_path / "job").items():
+        assert not any(text in content for text in texts), path
+
+
+def test_under_dp_an_asked_for_audit_goes_to_its_private_folder_only(data, tmp_path):
+    private = tmp_path / "private"
+    _, summary = _dp_job(data, tmp_path, f"privacy.audit_dir={private}")
+    (rows,) = private.glob("*/leakage.jsonl")
+    assert rows.parent.name == "job" and (rows.parent / "leakage.json").is_file()
+    assert summary["leakage"] == {"audit": f"in {rows.parent}: it reads the private examples, so it is outside "
+                                           "the DP guarantee; do not publish it"}
+    assert not list((tmp_path / "job").rglob("leakage*"))
+
+
+@pytest.mark.parametrize("inside", ["", "runs", "runs/private"])
+def test_an_audit_folder_among_the_published_jobs_is_refused(inside, data, tmp_path):
+    with pytest.raises(ConfigError, match="privacy.audit_dir=.* is inside paths.output_root"):
+        validate(_cfg(data, *DP, f"privacy.audit_dir={tmp_path / inside}", root=tmp_path))

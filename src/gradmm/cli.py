@@ -73,7 +73,7 @@ def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
         p = summary["privacy"]
         print(f"\nprivacy: ({p['spent_epsilon']:.3g}, {p['delta']:.3g})-DP targets, noise multiplier "
               f"{p['noise_multiplier']:.3g}, clip {p['clip']:g}, {p['relation']} ({p['accountant']})")
-    if "leakage" in summary:
+    if "max_shared_ngram" in summary.get("leakage", {}):  # under privacy=dp only where the audit is
         leak = summary["leakage"]
         print(f"leakage audit: longest word n-gram shared with a real example {leak['max_shared_ngram']} "
               f"(mean {leak['mean_shared_ngram']:.1f}); {leak['n_sharing_8gram']} texts share an 8-gram")

@@ -23,7 +23,8 @@ from gradmm.input_checks import unsafe_name
 # job to do, not what any stage makes; rounds_per_batch how many rounds share a model call (the same
 # rounds, up to float rounding), so a job can resume with another batching that fits its memory.
 NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
-                    "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon")
+                    "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon",
+                    "privacy.audit_dir")
 
 
 def is_science_key(key: str) -> bool:

@@ -56,6 +56,10 @@ def check_config(problems: list[str], cfg: DictConfig) -> None:
     budget, p = cfg.privacy.budget_epsilon, cfg.privacy
     if budget is not None and p.name == "dp" and not budget >= p.epsilon > 0:
         problems.append(f"privacy.budget_epsilon={budget} is below privacy.epsilon={p.epsilon}: no release fits.")
+    audit = None if p.audit_dir is None else Path(p.audit_dir).resolve()
+    if audit is not None and Path(cfg.paths.output_root).resolve() in (audit, *audit.parents):
+        problems.append(f"privacy.audit_dir={p.audit_dir!r} is inside paths.output_root={cfg.paths.output_root!r}, "
+                        "beside the job files people publish; name a private folder elsewhere.")
     if "evaluate" in cfg.stages and cfg.evaluate.max_eval is not None and cfg.evaluate.max_eval <= 0:
         problems.append(f"evaluate.max_eval={cfg.evaluate.max_eval} must be positive (or null: the whole "
                         "evaluation split).")

@@ -138,6 +138,9 @@ class PrivacyConfig:
     # Refuse a release that would take the epsilon composed over every release on the same real examples
     # (the ledger, gradmm.ledger) above this; null: no limit, the total is still reported.
     budget_epsilon: Optional[float] = None
+    # Under dp the leakage audit (it quotes real texts) runs only when this names a private folder
+    # outside paths.output_root; it writes there, and the job's files only say where.
+    audit_dir: Optional[str] = None
 
 
 @dataclass

@@ -52,15 +52,23 @@ def _figures(scores: dict) -> dict:
 def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
     """What the synthetic texts share with the real examples the generator saw (leakage.jsonl and
     summary figures). A post-hoc audit: it reloads those examples itself, since under privacy=dp they
-    are sealed, and nothing reads its result back."""
+    are sealed, and nothing reads its result back. Its rows quote real texts and its figures are
+    functions of them, so under privacy=dp it runs only into privacy.audit_dir, outside the job
+    directory, and summary.json (what people publish) gets where it is, never what it found."""
+    dp = cfg.privacy.name == "dp"
+    if dp and cfg.privacy.audit_dir is None:
+        return {"audit": "not run: it reads the private examples, so it is outside the DP guarantee; "
+                         "privacy.audit_dir=<a private folder> runs it there"}
     real = generator_examples(cfg)
     synthetic = [row["text"] for row in artifacts.read_jsonl(out_dir / "synthetic.jsonl")]
     rows, figures = privacy.leakage_report(synthetic, [ex.text for ex in real])
-    artifacts.write_jsonl(out_dir / "leakage.jsonl", rows)
-    audit = "post hoc, never used by generation"
-    if cfg.privacy.name == "dp":
-        audit += "; reads the private examples, so it is outside the DP guarantee: do not publish it"
-    return {**figures, "audit": audit}
+    where = Path(cfg.privacy.audit_dir) / out_dir.name if dp else out_dir
+    artifacts.write_jsonl(where / "leakage.jsonl", rows)
+    if dp:
+        artifacts.write_json(where / "leakage.json", figures)
+        return {"audit": f"in {where}: it reads the private examples, so it is outside the DP guarantee; "
+                         "do not publish it"}
+    return {**figures, "audit": "post hoc, never used by generation"}
 
 
 def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started, failed) -> dict:

@@ -55,7 +55,7 @@ def _container(cfg: DictConfig, key: str):
 
 
 # Privacy settings that decide whether a release may happen, not what it holds.
-_NOT_IN_RELEASE = ("budget_epsilon",)
+_NOT_IN_RELEASE = ("budget_epsilon", "audit_dir")
 # Matching settings that weigh targets against each other during generation, after they are computed.
 _NOT_IN_TARGETS = ("distance", "union_weight")
 
