@@ -2,14 +2,20 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, DATA_DIR, TINY, compose_config
+from conftest import CONF_DIR, DATA_DIR, REPO, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from gradmm.generate import matched_gradient, round_settings
+from gradmm.pipeline import prepare
+from gradmm.tuning import FineTuning
 from gradmm.validation import ConfigError, validate
 
 
@@ -24,14 +30,42 @@ def test_every_task_composes_and_validates(task):
     assert len(cfg.task.label_words) == len(cfg.task.label_names)
 
 
-@pytest.mark.parametrize("model", _options("model"))
-def test_every_model_composes(model):
-    assert compose_config([f"model={model}"]).model.name == model
+# Every config group but Hydra's own and the presets, which are validated whole below.
+GROUPS = sorted({p.parent.relative_to(CONF_DIR).as_posix() for p in CONF_DIR.rglob("*.yaml")}
+                - {".", "experiment"})
+GROUPS = [g for g in GROUPS if not g.startswith("hydra")]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_of_every_group_composes_validates_and_builds(group, option, tiny_lm_factory):
+    """What a job builds from yaml (projector, fine-tuning method, matched gradient) is built here for
+    every option, so a new option whose class cannot be built from its yaml fails in the tests."""
+    cfg = compose_config([*TINY, f"{group}={option}"])
+    validate(cfg)
+    _, _, projector = round_settings(cfg)
+    assert type(projector).__module__ == "gradmm.projection"
+    assert isinstance(instantiate(cfg.evaluate.method), FineTuning)
+    if cfg.model.name == "tiny":  # the matched layers are named per model: built on the model they name
+        lm = tiny_lm_factory()
+        matched = matched_gradient(cfg, prepare(cfg, lm.tokenizer), lm)
+        assert matched.describe()
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
-def test_every_experiment_composes(experiment):
-    compose_config([f"experiment={experiment}"])
+def test_every_experiment_preset_validates(experiment):
+    validate(compose_config([f"experiment={experiment}", "tracker=disabled", f"paths.data_dir={DATA_DIR}"]))
+
+
+def test_validate_only_checks_the_tokenizer_and_runs_nothing(tmp_path):
+    common = [sys.executable, "run.py", *TINY, "validate_only=true", f"paths.output_root={tmp_path}"]
+    ok = subprocess.run(common, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "config is valid" in ok.stdout
+    bad = subprocess.run([*common, "projector.topk=10000000"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "projector.topk=10000000" in bad.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")
+                and ".hydra" not in p.parts]
 
 
 def test_unknown_key_fails_at_composition():

@@ -1,4 +1,10 @@
-from gradmm.filtering import filter_examples
+import torch
+
+from gradmm import artifacts
+from gradmm.filtering import filter_examples, filter_stage
+from gradmm.finetune import Classifier
+from gradmm.pipeline import prepare
+from gradmm.tracking import Tracker
 
 
 def _row(text, label, d, ppl=5.0):
@@ -45,3 +51,18 @@ def test_keeps_at_most_n_per_class():
     rows = [_row(f"word{i} x{i}", i % 2, i / 10) for i in range(10)]
     kept, *_ = filter_examples(rows, None, 2, 2, 0.8, 0.0)
     assert len(kept) == 4
+
+
+def test_the_classifier_is_calibrated_by_its_mean_score_over_the_set(tiny_cfg, tiny_lm_factory, tmp_path,
+                                                                    monkeypatch):
+    """A classifier biased towards one label word assigns every text to that class; centred by its mean
+    score over the set, it tells the texts apart, so the filter keeps texts of both classes."""
+    rows = [_row(f"text number {i}", label, 0.1 * i) for i, label in enumerate([0, 0, 1, 1])]
+    artifacts.write_jsonl(tmp_path / "synthetic.jsonl", rows)
+    biased = torch.tensor([[5.0, 1.0], [5.0, 0.0], [5.0, 3.0], [5.0, 2.5]])  # argmax: class 0 for all
+    monkeypatch.setattr(Classifier, "scores", lambda self, texts, prefix=(): biased)
+    tiny_cfg.filter.classifier = "zero_shot"
+    lm = tiny_lm_factory()
+    result = filter_stage(tiny_cfg, prepare(tiny_cfg, lm.tokenizer), lm, tmp_path, tmp_path,
+                          Tracker(tiny_cfg, tmp_path, active=False))
+    assert result["dropped"]["misclassified"] == 0 and result["n_kept"] == 4
