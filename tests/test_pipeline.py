@@ -115,3 +115,22 @@ def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(t
     tiny_cfg.projector.topk = 10_000_000
     with pytest.raises(ConfigError, match="projector.topk=10000000"):
         pipeline.run_job(tiny_cfg, Path(tiny_cfg.paths.output_root))
+
+
+def test_the_tracker_finishes_with_a_failure_code_when_a_stage_fails(tiny_cfg, tmp_path, monkeypatch):
+    import gradmm.pipeline as pipeline
+    from gradmm.tracking import Tracker
+
+    codes = []
+    monkeypatch.setattr(Tracker, "finish", lambda self, exit_code=0: codes.append(exit_code))
+    run_job(tiny_cfg, tmp_path / "fine")
+    assert codes == [0]
+
+    def broken_filter(*args, **kwargs):
+        raise RuntimeError("filter broke")
+
+    monkeypatch.setattr(pipeline, "filter_stage", broken_filter)
+    tiny_cfg.stages = ["generate", "filter"]
+    with pytest.raises(RuntimeError, match="filter broke"):
+        run_job(tiny_cfg, tmp_path / "broken")
+    assert codes == [0, 1]
