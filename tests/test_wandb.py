@@ -73,7 +73,7 @@ class OfflineRun:
         return values
 
     def metrics(self) -> dict:
-        return {m.name: m for m in self.of("metric")}
+        return {m.name.replace("\\.", "."): m for m in self.of("metric")}
 
     def config(self) -> dict:
         (run,) = self.of("run")
@@ -122,6 +122,8 @@ def test_a_generation_job_and_an_evaluation_of_it_fill_the_dashboard(tmp_path, o
     assert "generate/outer_step" in made.metrics()
     metric = used.metrics()[dev_key]
     assert metric.step_metric == "evaluate/step" and metric.summary.max
+    assert set(made.summary()[f"generate/grad_distance_z/{labels[0]}/round0"]) == {"min"}
+    assert set(used.summary()[dev_key]) == {"max"}, "the rule applies to the whole name, dots included"
 
     # The synthetic texts, as generated and as the filter judged them.
     synthetic = [json.loads(line) for line in (tmp_path / "generation" / "synthetic.jsonl").open()]

@@ -247,7 +247,8 @@ class Tracker:
                 self.defined.add(step)
             for key in metrics.keys() - self.defined:
                 rule = summary_rule(key)
-                run.define_metric(key, step_metric=step, **({"summary": rule} if rule else {}))
+                # Unescaped, a dot in a metric's name (lr0.001) nests it, and its summary rule is lost.
+                run.define_metric(key.replace(".", "\\."), step_metric=step, **({"summary": rule} if rule else {}))
                 self.defined.add(key)
             run.log(metrics)
 
