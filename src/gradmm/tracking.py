@@ -7,7 +7,9 @@ What W&B gets, so that a dashboard reads without rearranging:
 - curves under a namespace per stage, each against its own step (define_metric): generation as
   `generate/<metric>/<class>/round<r>` against `generate/outer_step`; dev curves as
   `evaluate/<metric>/<method>/seed<s>/lr<lr>` against `evaluate/step`; distances and losses summarised
-  by their minimum, accuracies by their maximum. Strings are never logged as metrics;
+  by their minimum, accuracies by their maximum. Figures of a whole stage (the filter's counts, each
+  evaluated model's accuracy) go to the run summary under the same namespaces. Strings are never
+  logged as metrics;
 - the synthetic texts as tables (`generate/texts`, `filter/texts`);
 - the job's synthetic set as a `dataset` artifact named after its job directory (the job's identity),
   and the set a job reads through `data.synthetic_from` as an artifact it uses;
