@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm.fingerprint import data_fingerprint
-from gradmm.input_checks import unsafe_name
 
 # The keys that do not change what a job computes: how it runs, where it writes, what it reports and
 # how often it saves (a new key is science until it is listed here). `stages` says how much of the
@@ -33,6 +34,19 @@ def is_science_key(key: str) -> bool:
     them (`paths.output_root`) and Hydra's own keys."""
     dotted = key.lstrip("+~").replace("/", ".")
     return not any(dotted == k or dotted.startswith(f"{k}.") for k in (*NON_SCIENCE_KEYS, "hydra"))
+
+
+# A name that becomes a directory or file name (the job directory is ${task.name}/${run_id:}): no
+# separators, no leading dot, no "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def unsafe_name(key: str, value: Any) -> str | None:
+    """Why `value` may not name a path (None when it may)."""
+    if isinstance(value, str) and SAFE_NAME.fullmatch(value) and ".." not in value:
+        return None
+    return (f"{key}={value!r} becomes a path: use letters, digits, '.', '_' and '-' only, starting with a "
+            "letter or digit.")
 
 
 def science_config(cfg: DictConfig) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gradmm.identity import unsafe_name
+from gradmm.job_dir import private_source_problem
+from gradmm.schemas import Config
 from gradmm.tasks import DataFileError, label_counts, split_path
 
-# A name that becomes a directory or file name: no separators, no leading dot, no "..".
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PATH_NAMES = ("task.name", "task.data_name")
 # Far beyond what any supported model or machine runs, short of what silently exhausts memory.
 UPPER_BOUNDS = {
@@ -28,17 +28,7 @@ UPPER_BOUNDS = {
 }
 
 
-def unsafe_name(key: str, value: Any) -> str | None:
-    """Why `value` may not name a path (None when it may)."""
-    if isinstance(value, str) and SAFE_NAME.fullmatch(value) and ".." not in value:
-        return None
-    return (f"{key}={value!r} becomes a path: use letters, digits, '.', '_' and '-' only, starting with a "
-            "letter or digit.")
-
-
 def check_config(problems: list[str], cfg: DictConfig) -> None:
-    from gradmm.schemas import Config  # the schema module registers identity's resolver, which imports this one
-
     _check_floats(problems, OmegaConf.to_container(cfg, resolve=True), "")
     _check_keys(problems, cfg, Config, "")
     problems += [p for key in PATH_NAMES if (p := unsafe_name(key, OmegaConf.select(cfg, key)))]
@@ -82,8 +72,6 @@ def check_files(problems: list[str], cfg: DictConfig) -> None:
         except DataFileError as error:
             problems.append(str(error))
     if source is not None and "generate" not in cfg.stages and cfg.privacy.name == "dp":
-        from gradmm.job_dir import private_source_problem  # it imports gradmm.identity, which imports this
-
         if problem := private_source_problem(cfg, Path(source)):
             problems.append(problem)
 
