@@ -209,3 +209,19 @@ def test_synthetic_from_rows_are_checked_too(row, message, data, tmp_path):
 def test_a_good_config_still_passes(data):
     validate(compose_config([*TINY, f"paths.data_dir={data}", *EVALUATE]))
     assert math.isfinite(compose_config(TINY).admm.rho)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["task.max_text_tokens=600"], ["task.max_text_tokens=600"]),
+    (["task.max_text_tokens=600", "generation.seq_len=520"], ["generation.seq_len=520", "task.max_text_tokens=600"]),
+])
+def test_sequences_beyond_the_models_positions_are_refused_before_generation(overrides, named, tmp_path):
+    from gradmm.pipeline import run_job
+
+    cfg = compose_config([*TINY, *overrides, f"paths.output_root={tmp_path}",
+                          f"paths.target_cache_dir={tmp_path / 'targets'}"])
+    with pytest.raises(ConfigError) as error:
+        run_job(cfg, tmp_path / "job")
+    for fragment in named:
+        assert fragment in str(error.value) and "beyond the model's 512 positions" in str(error.value)
+    assert not (tmp_path / "job" / "rounds").exists() and not (tmp_path / "targets").exists()

@@ -105,3 +105,17 @@ def _check_keys(problems: list[str], node: DictConfig, schema: type, prefix: str
                             f"{', '.join(fields)}.")
         elif dataclasses.is_dataclass(fields[name]) and isinstance(node._get_node(name), DictConfig):
             _check_keys(problems, node._get_node(name), fields[name], f"{key}.")
+
+
+def model_limits(cfg: DictConfig, lm, setup) -> list[str]:
+    """The sequences this job builds that do not fit the loaded model's positions (known only once it
+    is loaded): a generated sequence between its LM prefix and the prompt, and a text as the
+    classifier and the readability score read it."""
+    positions = getattr(lm.model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return []
+    prefix, prompt = len(setup.prefix_ids), len(setup.verbalizer.prompt_ids)
+    needs = {"generation.seq_len": prefix + cfg.generation.seq_len + prompt,
+             "task.max_text_tokens": max(prefix, prompt) + cfg.task.max_text_tokens}
+    return [f"{key}={OmegaConf.select(cfg, key)} makes sequences of {n} tokens (with the prefix and prompt), "
+            f"beyond the model's {positions} positions." for key, n in needs.items() if n > positions]

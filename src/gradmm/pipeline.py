@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts, job_dir, privacy
+from gradmm import artifacts, input_checks, job_dir, privacy
 from gradmm.filtering import filter_stage
 from gradmm.finetune import evaluate_stage
 from gradmm.generate import generate, processes
@@ -19,7 +19,7 @@ from gradmm.models import load_lm, load_tokenizer
 from gradmm.scoring import leakage_audit
 from gradmm.tasks import generator_examples
 from gradmm.tracking import Tracker
-from gradmm.validation import check_tokenizer
+from gradmm.validation import ConfigError, check_tokenizer
 
 
 def prepare(cfg: DictConfig, tokenizer=None) -> Setup:
@@ -47,6 +47,8 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     setup = prepare(cfg, tokenizer)
     lm = load_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
+    if problems := input_checks.model_limits(cfg, lm, setup):
+        raise ConfigError(problems)
     torch.manual_seed(cfg.seed)
     summary_path = out_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
