@@ -153,8 +153,8 @@ def _saved_steps(job: Path) -> int:
     """Outer steps (step 0 included) held by finished rounds and checkpoints."""
     n = sum(len(json.loads(p.read_text())["records"]) for p in job.glob("rounds/*.json"))
     for path in job.glob("rounds/*.state.pt"):
-        state = torch.load(path, weights_only=False)["state"]
-        n += len(state.records) if state is not None else 0
+        state = torch.load(path, weights_only=True)["state"]  # tensors and plain values only
+        n += len(state["records"]) if state is not None else 0
     return n
 
 
