@@ -14,18 +14,29 @@ A LoRA adapter y += s B A x, at initialisation (B = 0), has gradient dL/dB = s s
 dL/dA = 0: the layer's gradient seen through a fixed random projection A of its inputs (rank r). The
 scale s cancels in both distances, so it is left out.
 
-Each option is registered in `MATCHED_GRADIENTS` under the name `matching.kind` uses.
+`build_matched_gradient` builds the option `matching.kind` names (`MATCHED_GRADIENTS`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Protocol
 
 import torch
 
 from gradmm.gradients import GradFeatures, OutputLayer, cat_features
 from gradmm.models import LM
+
+
+class MatchedGradient(Protocol):
+    second_order: bool  # the inner step differentiates through a backward
+    reuses_prefix_cache: bool  # a candidate's features need only the positions from its change on
+
+    def features(self, lm: LM, labels: torch.Tensor, *, input_ids=None, inputs_embeds=None, lengths=None,
+                 differentiable: bool = False) -> GradFeatures: ...
+
+    def describe(self) -> str: ...
 
 
 class OutputLayerGradient:
@@ -129,22 +140,20 @@ def lora_projections(modules: dict[str, torch.nn.Linear], rank: int, seed: int) 
 
 
 def build_matched_gradient(lm: LM, head: OutputLayer, kind: str, modules: list[str], lora_rank: int,
-                           lora_seed: int):
+                           lora_seed: int) -> MatchedGradient:
+    if kind == "output_layer":
+        return OutputLayerGradient(head)
     if kind not in MATCHED_GRADIENTS:
         raise ValueError(f"matching.kind={kind!r} is not one of {', '.join(MATCHED_GRADIENTS)}.")
-    return MATCHED_GRADIENTS[kind](lm, head, modules, lora_rank, lora_seed)
+    chosen = select_linear_modules(lm.model, modules)
+    return ParameterGradient(head, chosen, lora_projections(chosen, lora_rank, lora_seed) if kind == "lora" else None)
 
 
-MATCHED_GRADIENTS = {
-    "output_layer": lambda lm, head, modules, rank, seed: OutputLayerGradient(head),
-    "parameters": lambda lm, head, modules, rank, seed: ParameterGradient(
-        head, select_linear_modules(lm.model, modules)),
-    "lora": lambda lm, head, modules, rank, seed: ParameterGradient(
-        head, (chosen := select_linear_modules(lm.model, modules)), lora_projections(chosen, rank, seed)),
-}
+MATCHED_GRADIENTS = ("output_layer", "parameters", "lora")
 
 
-def text_features(lm: LM, matched, inputs: list[list[int]], labels: list[int], batch_size: int = 32) -> GradFeatures:
+def text_features(lm: LM, matched: MatchedGradient, inputs: list[list[int]], labels: list[int],
+                  batch_size: int = 32) -> GradFeatures:
     """Features of classifier inputs (token ids, prompt included), batched over right-padded rows."""
     parts = []
     for start in range(0, len(inputs), batch_size):

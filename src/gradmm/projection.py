@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from gradmm.gradients import GradFeatures, Objective, replacement_distances
+from gradmm.matched import MatchedGradient
 from gradmm.models import LM
 
 _WORD = re.compile(r" [A-Za-z]+")
@@ -144,7 +145,7 @@ class MatchingContext:
     size (a class's round each, optimised side by side), each matched against its own objective.
     Row i belongs to group i // (rows / groups). The groups' losses are independent of each other."""
 
-    matched: object  # a gradmm.matched gradient: features(lm, labels, input_ids=..., inputs_embeds=...)
+    matched: MatchedGradient
     objectives: list[Objective]
     labels: list[int]
     prompt_ids: list[int]
