@@ -36,15 +36,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
 from gradmm.generate import class_objective, compute_targets, matched_gradient, round_settings
+from gradmm.matching_context import MatchingContext, project_matching_lm
 from gradmm.models import LM, load_lm
 from gradmm.pipeline import prepare
-from gradmm.projection import (
-    MatchingContext,
-    allowed_vocabulary,
-    decode,
-    project_matching_lm,
-    project_topk_lm,
-)
+from gradmm.projection import allowed_vocabulary, decode, project_topk_lm
 from gradmm.schemas import register_configs
 from gradmm.validation import validate
 

@@ -7,7 +7,8 @@ from gradmm.admm import initial_tokens, select_matching_subset
 from gradmm.generate import round_settings
 from gradmm.gradients import GradFeatures, Objective, OutputLayer, mean_gradient, set_distance
 from gradmm.matched import OutputLayerGradient
-from gradmm.projection import MatchingContext, allowed_vocabulary, sample_sequences
+from gradmm.matching_context import MatchingContext
+from gradmm.projection import allowed_vocabulary, sample_sequences
 
 
 def test_greedy_subset_recovers_the_rows_whose_mean_gradient_is_the_target():

@@ -5,14 +5,8 @@ import torch
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient
 from gradmm.matched import OutputLayerGradient
-from gradmm.projection import (
-    MatchingContext,
-    allowed_vocabulary,
-    cosine_topk_mask,
-    project_matching_lm,
-    project_nearest,
-    project_topk_lm,
-)
+from gradmm.matching_context import MatchingContext, project_matching_lm
+from gradmm.projection import allowed_vocabulary, cosine_topk_mask, project_nearest, project_topk_lm
 
 PREFIX = [21465, 42]  # "Review:"
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from gradmm.gradients import GradFeatures, Objective
+from gradmm.matching_context import MatchingContext, Projector
 from gradmm.models import LM, mean_nll
-from gradmm.projection import MatchingContext, Projector, random_allowed_tokens, sample_sequences
+from gradmm.projection import random_allowed_tokens, sample_sequences
 
 
 @dataclass(frozen=True)

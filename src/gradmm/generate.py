@@ -28,8 +28,9 @@ from gradmm.admm import (
 from gradmm.gradients import Gradient, Objective, OutputLayer, class_targets, vsum
 from gradmm.inputs import Setup
 from gradmm.matched import build_matched_gradient, text_features
+from gradmm.matching_context import MatchingContext, Projector
 from gradmm.models import LM, resolve_device
-from gradmm.projection import MatchingContext, Projector, allowed_vocabulary
+from gradmm.projection import allowed_vocabulary
 from gradmm.scoring import score_and_write
 from gradmm.target_cache import cached_targets
 from gradmm.tracking import Tracker

@@ -77,8 +77,9 @@ class AdmmConfig:
 
 @dataclass
 class ProjectorConfig:
-    # The class that projects (gradmm.projection), built with the settings below that it declares.
-    _target_: str = "gradmm.projection.MatchingLM"
+    # The class that projects (gradmm.projection, gradmm.matching_context), built with the settings below
+    # that it declares.
+    _target_: str = "gradmm.matching_context.MatchingLM"
     name: str = "matching_lm"
     topk: int = 200
     # matching_lm: how many of the LM's most likely next tokens may be chosen, how many of those are
