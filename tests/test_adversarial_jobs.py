@@ -313,3 +313,16 @@ def test_under_dp_an_asked_for_audit_goes_to_its_private_folder_only(data, tmp_p
 def test_an_audit_folder_among_the_published_jobs_is_refused(inside, data, tmp_path):
     with pytest.raises(ConfigError, match="privacy.audit_dir=.* is inside paths.output_root"):
         validate(_cfg(data, *DP, f"privacy.audit_dir={tmp_path / inside}", root=tmp_path))
+
+
+def test_a_round_file_of_another_job_is_refused_not_resumed(data, tmp_path):
+    other, path = tmp_path / "other", tmp_path / "job"
+    pipeline.run_job(_cfg(data, "admm.rho=0.7", root=tmp_path), other)
+    pipeline.run_job(_cfg(data, root=tmp_path), path)
+    round_file = path / "rounds" / "class1_round0.json"
+    assert json.loads(round_file.read_text())["science_hash"] == science_hash(_cfg(data, root=tmp_path))
+    shutil.copy(other / "rounds" / "class1_round0.json", round_file)
+    planted = round_file.read_bytes()
+    with pytest.raises(job_dir.JobDirError, match=f"{round_file} .and 0 more. belong to another job"):
+        pipeline.run_job(_cfg(data, root=tmp_path), path)
+    assert round_file.read_bytes() == planted

@@ -26,6 +26,7 @@ from gradmm.admm import (
     start_round,
 )
 from gradmm.gradients import Gradient, Objective, OutputLayer, class_targets, vsum
+from gradmm.identity import science_hash
 from gradmm.inputs import Setup
 from gradmm.matched import build_matched_gradient, text_features
 from gradmm.matching_context import MatchingContext, Projector
@@ -270,5 +271,6 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
             saved = {"rows": rows, "records": [_without_group(rec) for rec in state.records if rec["group"] == g],
                      "best_outer_step": results[g].best_outer_step, "faults": faults,
                      "process": processes(cfg).process_index}
-        artifacts.write_json(_round_path(rounds_dir, k, r), saved)
+        # Whose round this is: a resumed run refuses round files of another job (gradmm.job_dir).
+        artifacts.write_json(_round_path(rounds_dir, k, r), {**saved, "science_hash": science_hash(cfg)})
     state_path.unlink(missing_ok=True)

@@ -56,6 +56,11 @@ def claim(cfg: DictConfig, out_dir: Path) -> None:
             f"{mine['science_hash']}). It differs in: {'; '.join(differing) or 'its identity record'}. Nothing "
             "there was changed. Run without hydra.run.dir to get this config's own directory, or name another."
         )
+    foreign = [p for p in sorted(out_dir.glob("rounds/class*_round*.json"))
+               if (_json(p) or {}).get("science_hash", mine["science_hash"]) != mine["science_hash"]]
+    if foreign:
+        raise JobDirError(f"{foreign[0]} (and {len(foreign) - 1} more) belong to another job, not this one "
+                          f"(science hash {mine['science_hash']}): move them out of {out_dir / 'rounds'} to resume.")
     if earlier is not None:
         log_resume(cfg, out_dir)
     artifacts.write_json(out_dir / IDENTITY_FILE, mine)
