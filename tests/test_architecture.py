@@ -51,3 +51,8 @@ def test_run_py_only_hands_over_to_the_command_line_module():
     text = (REPO / "run.py").read_text()
     assert len(text.splitlines()) < 40
     assert "gradmm.cli" in text
+
+
+def test_no_module_is_over_350_lines():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 350} == {}
