@@ -10,7 +10,7 @@ import pytest
 from conftest import CONF_DIR, DATA_DIR, REPO, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from gradmm.generate import matched_gradient, round_settings
@@ -43,7 +43,7 @@ def test_every_option_of_every_group_composes_validates_and_builds(group, option
     cfg = compose_config([*TINY, f"{group}={option}"])
     validate(cfg)
     _, _, projector = round_settings(cfg)
-    assert type(projector).__module__ == "gradmm.projection"
+    assert type(projector) is get_class(cfg.projector._target_)
     assert isinstance(instantiate(cfg.evaluate.method), FineTuning)
     if cfg.model.name == "tiny":  # the matched layers are named per model: built on the model they name
         lm = tiny_lm_factory()
