@@ -110,7 +110,7 @@ BAD = [
     ("generation.init_temperature=0", "generation.init_temperature"),
     ("generation.init_candidates=3", "generation.init_candidates"),
     ("generation.n_real=100000", "generation.n_real"),
-    ("projector.name=magic", "projector.name"),
+    ("projector._target_=gradmm.projection.Magic", "gradmm.projection.Magic"),
     ("projector.topk=0", "projector.topk"),
     ("projector.lm_topk=0", "projector.lm_topk"),
     ("projector.exact_candidates=0", "projector.exact_candidates"),
@@ -162,7 +162,7 @@ def test_bad_value_is_named(override, named):
 
 
 def test_every_problem_is_reported_at_once():
-    cfg = compose_config([*TINY, "admm.rho=0", "generation.batch_size=0", "projector.name=magic"])
+    cfg = compose_config([*TINY, "admm.rho=0", "generation.batch_size=0", "projector._target_=magic"])
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert len(error.value.problems) == 3

@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, compose_config
 
 from gradmm.artifacts import read_jsonl
+from gradmm.generate import round_settings
 from gradmm.pipeline import run_job
 
 
@@ -32,10 +33,11 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
 
 
 @pytest.mark.parametrize("projector", ["nearest", "topk_lm", "matching_lm"])
-def test_generate_on_tiny_model(tiny_cfg, tmp_path, projector):
-    tiny_cfg.projector.name = projector
-    summary = run_job(tiny_cfg, tmp_path)
-    _, written = _check_outputs(tmp_path, 8, tiny_cfg.admm.outer_steps)
+def test_generate_on_tiny_model(tmp_path, projector):
+    cfg = compose_config([*TINY, f"projector={projector}", f"paths.output_root={tmp_path}"])
+    assert type(round_settings(cfg)[2]).__name__.lower() == projector.replace("_", "")
+    summary = run_job(cfg, tmp_path)
+    _, written = _check_outputs(tmp_path, 8, cfg.admm.outer_steps)
     assert written == summary
 
 

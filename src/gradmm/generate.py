@@ -146,10 +146,14 @@ def round_settings(cfg: DictConfig) -> tuple[AdmmParams, Initialisation, Project
     admm = AdmmParams(**cfg.admm, checkpoint_every=gen.checkpoint_every)
     init = Initialisation(gen.init, gen.batch_size, gen.seq_len, gen.init_temperature, proj.lm_topk,
                           gen.init_candidates)
+    return admm, init, build_projector(proj)
+
+
+def build_projector(proj: DictConfig) -> Projector:
+    """The class conf/projector/<option>.yaml names in `_target_`, given the settings it declares."""
     projector_class = hydra.utils.get_class(proj._target_)
     settings = OmegaConf.to_container(proj)
-    projector = projector_class(**{f.name: settings[f.name] for f in dataclasses.fields(projector_class)})
-    return admm, init, projector
+    return projector_class(**{f.name: settings[f.name] for f in dataclasses.fields(projector_class)})
 
 
 def _round_path(rounds_dir: Path, k: int, r: int) -> Path:

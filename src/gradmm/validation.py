@@ -14,13 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm import input_checks
+from gradmm.generate import build_projector
 from gradmm.matched import MATCHED_GRADIENTS
 from gradmm.projection import allowed_vocabulary
 from gradmm.sweeps import in_multirun
 from gradmm.tasks import DataFileError, Verbalizer, label_counts, split_path
 from gradmm.tuning import FineTuning
 
-PROJECTORS = ("nearest", "topk_lm", "matching_lm")
 MODEL_SOURCES = ("gguf_package", "hub", "tiny")
 MATCHING_LOSSES = ("label_words", "full_vocab")
 DISTANCES = ("cosine", "l2")
@@ -56,6 +56,15 @@ def _choice(problems: list[str], key: str, value: Any, choices: tuple[str, ...])
         problems.append(f"{key}={value!r} is not one of {', '.join(choices)}.")
 
 
+def _check_projector(problems: list[str], proj: DictConfig) -> None:
+    """Built as generation builds it, so a new projector needs a class and a yaml, nothing here."""
+    try:
+        build_projector(proj)
+    except Exception as error:  # noqa: BLE001 - why the class cannot be built is the problem to report
+        problems.append(f"projector._target_={proj.get('_target_')!r} cannot be built: {error} (the projectors "
+                        "are the files of conf/projector/: projector=<file name>).")
+
+
 def _check_component(problems: list[str], key: str, node: Any, base: type) -> None:
     """A component built from its yaml's _target_ (conf/<group>/): building it runs its own checks."""
     options = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in base.__subclasses__())
@@ -89,7 +98,7 @@ def validate(cfg: DictConfig) -> None:
             problems.append(
                 f"model.autocast={cfg.model.autocast!r} needs CUDA, but model.device={cfg.model.device!r}."
             )
-    _choice(problems, "projector.name", proj.name, PROJECTORS)
+    _check_projector(problems, proj)
     _choice(problems, "matching.loss", cfg.matching.loss, MATCHING_LOSSES)
     _choice(problems, "matching.kind", cfg.matching.kind, tuple(MATCHED_GRADIENTS))
     if cfg.matching.kind in ("parameters", "lora") and not cfg.matching.modules:
