@@ -2,6 +2,7 @@
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,8 @@ def read_records(path: Path) -> list:
         if kind == 0:  # the zero padding at the end of a block
             pos += left
             continue
+        if pos + _HEADER + length > len(data):  # a record still being written
+            break
         parts += data[pos + _HEADER : pos + _HEADER + length]
         pos += _HEADER + length
         if kind in (_FULL, _LAST):
@@ -48,9 +51,15 @@ def read_records(path: Path) -> list:
 class OfflineRun:
     """The records of the one offline W&B run in a job directory, by kind."""
 
-    def __init__(self, job_dir: Path):
+    def __init__(self, job_dir: Path, timeout_s: float = 60):
         (self.dir,) = (job_dir / "wandb").glob("offline-run-*")
-        self.records = read_records(next(self.dir.glob("run-*.wandb")))
+        # wandb-core may still be writing the file when run.finish() returns; its last record is the exit.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.records = read_records(next(self.dir.glob("run-*.wandb")))
+            if self.of("exit") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
 
     def of(self, kind: str) -> list:
         return [getattr(r, kind) for r in self.records if r.WhichOneof("record_type") == kind]
