@@ -24,6 +24,7 @@ import re
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from gradmm.gradients import GradFeatures, OutputLayer, cat_features
 from gradmm.models import LM
@@ -156,7 +157,10 @@ def text_features(lm: LM, matched: MatchedGradient, inputs: list[list[int]], lab
                   batch_size: int = 32) -> GradFeatures:
     """Features of classifier inputs (token ids, prompt included), batched over right-padded rows."""
     parts = []
-    for start in range(0, len(inputs), batch_size):
+    # A deeper gradient costs a backward per batch: minutes for a few hundred texts on a CPU.
+    starts = tqdm(range(0, len(inputs), batch_size), desc=f"gradients of {len(inputs)} texts", unit="batch",
+                  leave=False, disable=len(inputs) <= batch_size)
+    for start in starts:
         ids, lengths = lm.pad(inputs[start : start + batch_size])
         with torch.no_grad():
             feats = matched.features(lm, torch.tensor(labels[start : start + batch_size], device=ids.device),
