@@ -13,6 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from gradmm.models import load_lm
 from gradmm.schemas import register_configs
+from gradmm.tasks import class_quotas
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -35,6 +36,11 @@ TINY = [
     "projector.lm_topk=20",
     "projector.exact_candidates=2",
 ]
+
+
+def quotas(cfg: DictConfig) -> list[int]:
+    """The public per-class counts of a config's real examples (what a DP release divides by)."""
+    return class_quotas(cfg.generation.n_real, len(cfg.task.label_names))
 
 
 def load_script(relative_path: str):

@@ -11,11 +11,12 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, quotas
 from omegaconf import OmegaConf
 
 from gradmm import ledger, privacy, target_cache
 from gradmm.gradients import GradFeatures
+from gradmm.target_cache import mechanism
 from gradmm.tasks import Example
 
 DP = [*TINY, "privacy=dp", "privacy.delta=1e-3"]
@@ -36,7 +37,7 @@ class Releaser:
 
     def __call__(self):
         self.calls += 1
-        facts = privacy.release_facts(self.cfg.privacy)
+        facts = privacy.release_facts(mechanism(self.cfg))
         return [torch.full((2, 3), float(self.calls)), torch.zeros(2, 3)], facts
 
 
@@ -279,12 +280,12 @@ def _features(n=8, seed=0):
 
 def _noiseless(feats, labels, cfg):
     zero = lambda shape, std: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
-    return torch.cat([t.flatten() for ts in privacy.release_targets(feats, labels, cfg, noise=zero).targets
-                      for t in ts])
+    release = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
+    return torch.cat([t.flatten() for ts in release.targets for t in ts])
 
 
 def test_the_default_relation_is_replace_one_with_twice_the_clip():
-    facts = privacy.release_facts(compose_config(DP).privacy)
+    facts = privacy.release_facts(mechanism(compose_config(DP)))
     assert facts["relation"] == "replace_one" and facts["sensitivity"] == 2 * facts["clip"]
     assert facts["noise_std"] == pytest.approx(facts["noise_multiplier"] * 2 * facts["clip"])
 
@@ -315,7 +316,7 @@ def test_a_neighbour_is_released_and_moves_the_sums_by_at_most_the_sensitivity(n
     cfg = compose_config([*DP, f"privacy.relation={relation}", "privacy.clip=0.5"])
     feats = _features()
     other_feats, other_labels = neighbour(feats)
-    released = privacy.release_targets(other_feats, other_labels, cfg)  # never refused
+    released = privacy.release_targets(other_feats, other_labels, mechanism(cfg), quotas(cfg))  # never refused
     assert len(released.targets) == 2 and all(len(t) == 1 for t in released.targets)
     # Back from the means to the clipped sums: their distance is what the noise is calibrated to.
     moved = (_noiseless(feats, LABELS, cfg) - _noiseless(other_feats, other_labels, cfg)).norm() * 4
@@ -374,9 +375,9 @@ def test_a_release_draws_its_noise_from_the_csprng_and_nothing_else(monkeypatch)
     stream = lambda n: (bytes(range(1, 256)) * (n // 255 + 1))[:n]  # noqa: E731
     monkeypatch.setattr(privacy.os, "urandom", stream)
     torch.manual_seed(1)
-    first = privacy.release_targets(_features(), LABELS, cfg).targets
+    first = privacy.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
     torch.manual_seed(2)
     torch.randn(5)
-    again = privacy.release_targets(_features(), LABELS, cfg).targets
+    again = privacy.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
     assert all(torch.equal(a, b) for ta, tb in zip(first, again, strict=True) for a, b in zip(ta, tb, strict=True))
     assert not torch.allclose(first[0][0], _noiseless(_features(), LABELS, cfg)[:12].reshape(first[0][0].shape))

@@ -56,3 +56,23 @@ def test_run_py_only_hands_over_to_the_command_line_module():
 def test_no_module_is_over_350_lines():
     sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 350} == {}
+
+
+SCIENCE = ("gradients", "matched", "admm", "projection", "matching_context", "privacy")
+# What the science may not know about: how a job is configured, tracked, ordered, or where its data come from.
+FORBIDDEN = {"schemas", "identity", "validation", "pipeline", "tasks", "tracking", "generate", "cli"}
+
+
+def _third_party(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for alias in node.names}
+    return found | {node.module.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+
+
+def test_science_modules_take_plain_values():
+    for name in SCIENCE:
+        path = PACKAGE / f"{name}.py"
+        assert not _imports(path) & FORBIDDEN, name
+        assert not _third_party(path) & {"omegaconf", "hydra"}, name

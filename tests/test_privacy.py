@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, quotas
 
 import gradmm.generate as generate
 import gradmm.pipeline as pipeline
 from gradmm import privacy
 from gradmm.gradients import GradFeatures, OutputLayer, mean_gradient
 from gradmm.inputs import Setup
+from gradmm.target_cache import mechanism
 from gradmm.tasks import Example, load_split, stratified_sample
 from gradmm.validation import ConfigError, validate
 
@@ -63,7 +64,7 @@ def test_released_noise_has_the_calibrated_standard_deviation(relation, factor):
     feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     labels = [0, 1] * 4
     clean = [mean_gradient(privacy.clip(feats, 0.5).select(torch.tensor(labels) == k)) for k in range(2)]
-    releases = [privacy.release_targets(feats, labels, cfg) for _ in range(300)]
+    releases = [privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)) for _ in range(300)]
     # n_k = 4: back to the noise on the sum
     noise = torch.stack([torch.stack([r.targets[k][0] - clean[k][0] for k in range(2)]) for r in releases]) * 4
     expected = privacy.noise_multiplier(2.0, cfg.privacy.delta) * 0.5 * factor
@@ -83,7 +84,7 @@ def test_release_divides_by_the_public_quota_whatever_the_counts():
     feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     zero = lambda shape, std: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
     for labels in ([0, 1] * 4, [0] * 5 + [1] * 3, [0] * 8):
-        release = privacy.release_targets(feats, labels, cfg, noise=zero)
+        release = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
         assert release.facts["class_counts"] == [4, 4]
         sums = privacy.clip(feats, 1.0).select(torch.tensor(labels) == 0).total()
         assert torch.allclose(release.targets[0][0], sums[0] / 4)
@@ -95,8 +96,8 @@ def test_private_targets_differ_from_the_exact_ones(tiny_lm_factory):
     head = OutputLayer.build(lm.output_weight, None, [3309, 1109], "label_words")
     labels = [0, 1] * 4
     feats = head.features(torch.randn(8, lm.output_weight.shape[1], dtype=lm.dtype), torch.tensor(labels))
-    released = privacy.release_targets(feats, labels, cfg).targets
-    again = privacy.release_targets(feats, labels, cfg).targets
+    released = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
+    again = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
     exact = [mean_gradient(privacy.clip(feats, 1.0).select(torch.tensor(labels) == k)) for k in range(2)]
     assert not torch.allclose(released[0][0], exact[0][0])
     assert not torch.allclose(released[0][0], again[0][0])  # the noise is not a function of the config

@@ -33,7 +33,8 @@ from gradmm.matching_context import MatchingContext, Projector
 from gradmm.models import LM, resolve_device
 from gradmm.projection import allowed_vocabulary
 from gradmm.scoring import score_and_write
-from gradmm.target_cache import cached_targets
+from gradmm.target_cache import cached_targets, mechanism
+from gradmm.tasks import class_quotas
 from gradmm.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head) -> tuple[list, 
     feats = text_features(lm, head, inputs, labels)
     n_classes = len(cfg.task.label_names)
     if cfg.privacy.name == "dp":
-        release = privacy.release_targets(feats, labels, cfg)
+        quotas = class_quotas(cfg.generation.n_real, n_classes)
+        release = privacy.release_targets(feats, labels, mechanism(cfg), quotas)
         return release.targets, release.facts
     return class_targets(feats, labels, n_classes), {}
 

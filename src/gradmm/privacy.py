@@ -55,11 +55,9 @@ from dataclasses import dataclass
 import dp_accounting
 import torch
 from dp_accounting import pld
-from omegaconf import DictConfig
 
 from gradmm.gradients import GradFeatures
 from gradmm.ledger import MECHANISM, SENSITIVITY
-from gradmm.tasks import Example, class_quotas
 from gradmm.text import jaccard, words
 
 ACCOUNTANT = "dp_accounting.pld.PLDAccountant"
@@ -90,8 +88,8 @@ class RedactedExample:
 class PrivateExamples:
     """The generator's real examples under privacy=dp: readable until `seal()`, then redacted."""
 
-    def __init__(self, examples: list[Example]):
-        self._examples: list[Example] | None = list(examples)
+    def __init__(self, examples: list):
+        self._examples: list | None = list(examples)
         self._indices = [ex.index for ex in examples]
 
     def seal(self) -> None:
@@ -170,13 +168,23 @@ def secure_gaussian(shape: tuple[int, ...], std: float) -> torch.Tensor:
     return (out * std).reshape(shape)
 
 
+@dataclass(frozen=True)
+class Mechanism:
+    """The privacy settings a release is made under (privacy.epsilon, delta, clip, relation)."""
+
+    epsilon: float
+    delta: float
+    clip: float
+    relation: str
+
+
 @dataclass
 class Release:
     targets: list[list[torch.Tensor]]
     facts: dict  # for summary.json and W&B
 
 
-def release_facts(p: DictConfig) -> dict:
+def release_facts(p: Mechanism) -> dict:
     """What a release under these privacy settings is, known before any noise is drawn: what the ledger
     records and the budget is checked against."""
     sigma = noise_multiplier(p.epsilon, p.delta)
@@ -186,14 +194,14 @@ def release_facts(p: DictConfig) -> dict:
             "sensitivity": sensitivity, "mechanism": MECHANISM, "accountant": ACCOUNTANT}
 
 
-def release_targets(feats: GradFeatures, labels: list[int], cfg: DictConfig,
+def release_targets(feats: GradFeatures, labels: list[int], mechanism: Mechanism, quotas: list[int],
                     noise: Callable[[tuple[int, ...], float], torch.Tensor] = secure_gaussian) -> Release:
-    """Per class, the clipped gradient sum plus calibrated Gaussian noise, over the public quota. Defined
-    for any class counts (see the neighbouring relation above); `noise(shape, std)` is for tests only."""
-    facts = release_facts(cfg.privacy)
-    clipped = clip(feats, cfg.privacy.clip)
+    """Per class, the clipped gradient sum plus calibrated Gaussian noise, over the public per-class
+    quotas. Defined for any class counts (see the neighbouring relation above); `noise(shape, std)` is
+    for tests only."""
+    facts = release_facts(mechanism)
+    clipped = clip(feats, mechanism.clip)
     labels_t = torch.tensor(labels, device=feats.deltas[0].device)
-    quotas = class_quotas(cfg.generation.n_real, len(cfg.task.label_names))
     targets = []
     for k, quota in enumerate(quotas):
         members = clipped.select(labels_t == k)

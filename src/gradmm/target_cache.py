@@ -60,6 +60,12 @@ _NOT_IN_RELEASE = ("budget_epsilon", "audit_dir")
 _NOT_IN_TARGETS = ("distance", "union_weight")
 
 
+def mechanism(cfg: DictConfig) -> privacy.Mechanism:
+    """The privacy settings of a release, as the plain values gradmm.privacy takes."""
+    p = cfg.privacy
+    return privacy.Mechanism(p.epsilon, p.delta, p.clip, p.relation)
+
+
 def target_key(cfg: DictConfig, real: Sequence[Example]) -> dict:
     texts = hashlib.sha256("\x00".join(ex.text for ex in real).encode()).hexdigest()
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in _SOURCES)).hexdigest()
@@ -106,8 +112,9 @@ def cached_targets(cfg: DictConfig, real: Sequence[Example], device: torch.devic
                 artifacts.save_torch(path, {"targets": _cpu(targets), "release": release})
         else:
             if dp:
-                ledger.check_budget(ledger.read(cache_dir), ids, privacy.release_facts(cfg.privacy), cfg.privacy.delta,
-                                    cfg.privacy.relation, cfg.privacy.budget_epsilon)
+                facts = privacy.release_facts(mechanism(cfg))
+                ledger.check_budget(ledger.read(cache_dir), ids, facts, cfg.privacy.delta, cfg.privacy.relation,
+                                    cfg.privacy.budget_epsilon)
             targets, release = _timed(compute, f"computed and stored in {path}")
             if dp:
                 release = {**release, "release_id": ledger.record(cache_dir, _facts(release), ids)["release_id"]}
