@@ -45,10 +45,14 @@ class MatchingContext:
     def row_labels(self, n_rows: int, device) -> torch.Tensor:
         return torch.tensor(self.labels, device=device).repeat_interleave(n_rows // self.n_groups)
 
+    def with_prompt(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """The classifier's input: each row's text tokens, then the prompt (no lm_prefix)."""
+        prompt = torch.tensor(self.prompt_ids, device=text_tokens.device)
+        return torch.cat([text_tokens, prompt.expand(len(text_tokens), -1)], dim=1)
+
     def features(self, lm: LM, text_tokens: torch.Tensor) -> GradFeatures:
-        prompt = torch.tensor(self.prompt_ids, device=text_tokens.device).expand(text_tokens.shape[0], -1)
         return self.matched.features(lm, self.row_labels(len(text_tokens), text_tokens.device),
-                                     input_ids=torch.cat([text_tokens, prompt], dim=1))
+                                     input_ids=self.with_prompt(text_tokens))
 
     def embedding_features(self, lm: LM, text_embeddings: torch.Tensor) -> GradFeatures:
         """Features of continuous text embeddings (prompt appended), differentiable with respect to them
@@ -95,13 +99,12 @@ class _MatchingScorer:
     def __init__(self, lm: LM, ctx: MatchingContext, tokens: torch.Tensor):
         self.lm, self.ctx = lm, ctx
         self.cached = ctx.matched.reuses_prefix_cache
-        self.prompt = torch.tensor(ctx.prompt_ids, device=tokens.device)
         self.labels = ctx.row_labels(len(tokens), tokens.device)
         self.feats, self.kv = self.run(tokens, torch.arange(tokens.shape[0], device=tokens.device), 0)
 
     def run(self, tokens: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[GradFeatures, list]:
         """Features of `tokens` (N x L), whose positions < t equal those of rows `rows` of the cache."""
-        ids = torch.cat([tokens, self.prompt.expand(len(tokens), -1)], dim=1)
+        ids = self.ctx.with_prompt(tokens)
         if not self.cached:
             return self.ctx.matched.features(self.lm, self.labels[rows], input_ids=ids), []
         config = self.lm.model.config
