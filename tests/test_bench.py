@@ -22,8 +22,8 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     assert {(r["batch_size"], r["seq_len"]) for r in shapes} == {(2, 4), (3, 4)}
     for r in shapes:
         assert REQUIRED <= r.keys()
-        assert r["inner_step_over_fwd_bwd"] == r["inner_step_s"] / r["fwd_bwd_s"]
-        assert r["projection_over_forward"] == r["projection_s"] / r["forward_s"]
+        # The inner step was timed on the default matched gradient: block 1 of the tiny model, 9,216 weights.
+        assert r["matched"] == "7 linear layers (0.00922M weights)" and r["inner_step_s"] > 0
         assert r["naive_same_tokens"] and r["matching_plain_same_tokens"]
         assert r["machine"]["torch"] and r["machine"]["transformers"]
     assert not [r for r in records if r["kind"] == "precision"]  # plain float32: nothing to compare
@@ -31,7 +31,6 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     assert e2e["s_per_synthetic_example"] > 0 and e2e["n_synthetic"] == 2 * e2e["batch_size"]
     batching = [r for r in records if r["kind"] == "batching"]
     assert [r["rounds_per_batch"] for r in batching] == [1, 2]
-    assert all(r["outer_step_s_per_round"] == r["outer_step_s"] / r["rounds_per_batch"] for r in batching)
     table = capsys.readouterr().out
     assert "s per synthetic example" in table and "rounds_per_batch=2" in table and str(out) in table
 

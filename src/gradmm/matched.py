@@ -98,7 +98,7 @@ class ParameterGradient:
     def describe(self) -> str:
         kind = f"LoRA rank {next(iter(self.lora.values())).shape[0]} on " if self.lora else ""
         n_params = sum(m.weight.numel() for m in self.modules.values())
-        return f"{kind}{len(self.modules)} linear layers ({n_params / 1e6:.1f}M weights)"
+        return f"{kind}{len(self.modules)} linear layers ({n_params / 1e6:.3g}M weights)"
 
 
 def _capture(captured: dict, name: str):
