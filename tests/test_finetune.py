@@ -218,8 +218,10 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
     results = reproduce.main(args)
     assert set(results) == {"synthetic", "synthetic_filtered", "lm_samples", "lm_samples_filtered", "real_seen",
                             "real_random_100", "real_random_1000", "zero_shot", "few_shot"}
-    assert results["synthetic"]["matched"] == "output layer (label_words)"
-    assert results["lm_samples"]["matched"].startswith("none") and results["real_seen"]["matched"] == "-"
+    # The preset selects 8 of 64 LM samples by the tiny model's block 1, then TINY's 2 ADMM steps.
+    assert results["synthetic"]["matched"] == (r"parameters: model\.layers\.1\..+ (label_words); "
+                                               "best 4 of 64 LM samples, ADMM 2x2")
+    assert results["lm_samples"]["matched"] == "none (LM samples)" and results["real_seen"]["matched"] == "-"
     assert all(r["code_version"] for r in results.values())
     assert all(0 <= r["mean"] <= 1 and r["std"] >= 0 for r in results.values())
     assert results["synthetic_filtered"]["n_train"] <= 6 and results["real_seen"]["n_train"] == 8
