@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from hydra import compose, initialize_config_dir
 
 from gradmm.finetune import Classifier, make_splits
 from gradmm.generate import matched_gradient
-from gradmm.gradients import OutputLayer, class_targets, example_distances
+from gradmm.gradients import GradFeatures, OutputLayer, class_targets, example_distances
+from gradmm.identity import code_version
 from gradmm.matched import (
     OutputLayerGradient,
     ParameterGradient,
@@ -98,8 +98,9 @@ def per_layer_pieces(lm, matched: ParameterGradient, real_inputs, real_labels, h
             with torch.no_grad():
                 feats = matched.features(lm, labels, input_ids=ids, lengths=lengths)
             for m, (d, x, t) in enumerate(zip(feats.deltas, feats.inputs, targets[k], strict=True)):
-                inner[k, m, start : start + len(chunk)] = torch.einsum("ito,ito->i", d, x @ t.T).double().cpu()
-                norm2[k, m, start : start + len(chunk)] = (d @ d.mT * (x @ x.mT)).sum((1, 2)).double().cpu()
+                layer = GradFeatures([d], [x])
+                inner[k, m, start : start + len(chunk)] = layer.inners([t]).double().cpu()
+                norm2[k, m, start : start + len(chunk)] = layer.self_kernel().double().cpu()
     target_norm2 = torch.tensor([[(t * t).sum().item() for t in target] for target in targets], dtype=torch.float64)
     return inner, norm2, target_norm2, targets
 
@@ -174,7 +175,7 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
     zero_shot = Classifier(lm, setup.verbalizer).scores([ex.text for ex in held_out])
     result = {
         "command": "python experiments/class_signal.py " + " ".join(overrides),
-        "code_version": _code_version(),
+        "code_version": code_version(REPO),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -192,16 +193,6 @@ def main(overrides: list[str], out: Path | None = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return result
-
-
-def _code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "experiments"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from gradmm import artifacts
-from gradmm.identity import science_hash
+from gradmm.identity import code_version, science_hash
 from gradmm.pipeline import run_job
 from gradmm.schemas import register_configs
 from gradmm.validation import validate
@@ -130,14 +129,6 @@ def matched_description(cfg: DictConfig) -> str:
     return f"{matched}; {', '.join(how)}"
 
 
-def code_version() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "src", "conf", "experiments")
-    return git("rev-parse", "HEAD") + ("+uncommitted" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     if partial and not results_path.is_file():
         parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
     results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
-    version = code_version()
+    version = code_version(REPO)
     measured: set[str] = set()
     todo = {method: trained[method] for method in only}
     needed = [name for name in generations if any(job == name for job, _ in todo.values())]

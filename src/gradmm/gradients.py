@@ -145,7 +145,7 @@ class OutputLayer:
     def features(self, hidden: torch.Tensor, labels: torch.Tensor) -> GradFeatures:
         # Float32 at least, whatever the model runs in: kept in bf16, SmolLM2's features put its gradient
         # distances up to 6.5e-3 from float32's (benchmarks/bench.py), about a finished set's distance.
-        hidden = _at_least_fp32(hidden)
+        hidden = at_least_fp32(hidden)
         logits = hidden @ self.weight.T.to(hidden.dtype)
         if self.bias is not None:
             logits = logits + self.bias.to(hidden.dtype)
@@ -159,10 +159,10 @@ class OutputLayer:
         logits = hidden @ self.weight.T.to(hidden.dtype)
         if self.bias is not None:
             logits = logits + self.bias.to(hidden.dtype)
-        return torch.nn.functional.cross_entropy(_at_least_fp32(logits), self.label_rows[labels], reduction=reduction)
+        return torch.nn.functional.cross_entropy(at_least_fp32(logits), self.label_rows[labels], reduction=reduction)
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Softmax in bf16 loses the small probabilities the gradient is made of; float64 stays float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 

@@ -12,7 +12,9 @@ import hashlib
 import json
 import re
 import secrets
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -84,3 +86,15 @@ def run_id(*, _root_: DictConfig) -> str:
         # Unique even for jobs started in the same second.
         identity += f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     return identity
+
+
+def code_version(repo: Path) -> str:
+    """The commit a result was made from, marked +uncommitted when the code or configs differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "src", "conf", "experiments", "benchmarks")
+        return (git("rev-parse", "HEAD") or "unknown") + ("+uncommitted" if dirty else "")
+    except OSError:
+        return "unknown"

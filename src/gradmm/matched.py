@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from gradmm.gradients import GradFeatures, OutputLayer, cat_features
+from gradmm.gradients import GradFeatures, OutputLayer, at_least_fp32, cat_features
 from gradmm.models import LM
 
 
@@ -88,8 +88,8 @@ class ParameterGradient:
         inputs = [captured[name][0] for name in self.modules]
         if not differentiable:
             inputs = [x.detach() for x in inputs]
-        deltas = [_at_least_fp32(d) for d in deltas]
-        inputs = [_with_bias_column(_at_least_fp32(x), module.bias is not None)
+        deltas = [at_least_fp32(d) for d in deltas]
+        inputs = [_with_bias_column(at_least_fp32(x), module.bias is not None)
                   for x, module in zip(inputs, self.modules.values(), strict=True)]
         if self.lora is not None:
             inputs = [x @ self.lora[name].T.to(x.dtype) for x, name in zip(inputs, self.modules, strict=True)]
@@ -105,10 +105,6 @@ def _capture(captured: dict, name: str):
     def hook(module, args, output):
         captured[name] = (args[0], output)
     return hook
-
-
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _with_bias_column(x: torch.Tensor, has_bias: bool) -> torch.Tensor:
