@@ -161,13 +161,13 @@ def text_features(lm: LM, matched: MatchedGradient, inputs: list[list[int]], lab
         with torch.no_grad():
             feats = matched.features(lm, torch.tensor(labels[start : start + batch_size], device=ids.device),
                                      input_ids=ids, lengths=lengths)
-        # Rows of different batches have different padded lengths: keep only what the sums need.
-        parts.append(_pad_positions(feats, max(len(s) for s in inputs)) if len(inputs) > batch_size else feats)
+        # Batches are padded to their own longest row; zero positions add nothing to any Gram sum.
+        parts.append(_pad_positions(feats, max(len(s) for s in inputs)))
     return cat_features(parts)
 
 
 def _pad_positions(feats: GradFeatures, length: int) -> GradFeatures:
-    """Zero rows past each batch's padded length contribute nothing to any inner product."""
+    """Every matrix's positions padded with zeros to `length` (the output layer's single one stays)."""
     def pad(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) if t.shape[1] > 1 else t
     return GradFeatures([pad(d) for d in feats.deltas], [pad(x) for x in feats.inputs])
