@@ -69,11 +69,15 @@ def test_released_noise_has_the_calibrated_standard_deviation(relation, factor):
     noise = torch.stack([torch.stack([r.targets[k][0] - clean[k][0] for k in range(2)]) for r in releases]) * 4
     expected = privacy.noise_multiplier(2.0, cfg.privacy.delta) * 0.5 * factor
     assert releases[0].facts["noise_std"] == pytest.approx(expected)
-    assert abs(noise.std().item() / expected - 1) < 0.05
-    assert abs(noise.mean().item()) < 0.05 * expected
+    # The noise comes from the OS's entropy, unseeded, so each bound sits six standard errors out (a false
+    # alarm once in ~1e9 runs, or ~1e-6 over the 276 correlations) yet far inside what a wrong std,
+    # shared noise or a bias would give.
+    draws = noise.numel()
+    assert abs(noise.std().item() / expected - 1) < 6 / math.sqrt(2 * draws)
+    assert abs(noise.mean().item()) < 6 * expected / math.sqrt(draws)
     # Independent across classes and coordinates.
     flat = noise.reshape(300, -1)
-    assert torch.corrcoef(flat.T).fill_diagonal_(0).abs().max() < 0.25
+    assert torch.corrcoef(flat.T).fill_diagonal_(0).abs().max() < 6 / math.sqrt(300)
 
 
 def test_release_divides_by_the_public_quota_whatever_the_counts():
