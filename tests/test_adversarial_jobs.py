@@ -67,13 +67,59 @@ def test_the_same_data_in_another_folder_is_the_same_job(data, tmp_path):
     assert science_hash(_cfg(moved)) == science_hash(_cfg(data))
 
 
-def test_another_folder_with_other_data_or_the_hub_is_another_job(data, tmp_path):
+@pytest.fixture
+def hub(data, monkeypatch):
+    """datasets.load_dataset served from the local copy, recording what each call asked for: the hub
+    without a network."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(hub_id, hub_config=None, split=None, revision=None):
+        calls.append({"hub_id": hub_id, "split": split, "revision": revision})
+        rows = [json.loads(line) for line in (data / "sst2" / f"{split}.jsonl").read_text().splitlines()]
+        return datasets.Dataset.from_list([{"sentence": r["text"], "label": r["label"]} for r in rows])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def _hub_cfg(*overrides):
+    return compose_config([*TINY, "paths.data_dir=null", *overrides])
+
+
+def test_another_folder_with_other_data_or_the_hub_is_another_job(data, hub, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(data, other)
     _edit_line(other / "sst2" / "train.jsonl", 0, "different")
-    hashes = {science_hash(_cfg(data)), science_hash(_cfg(other)),
-              science_hash(compose_config([*TINY, "paths.data_dir=null"]))}
+    hashes = {science_hash(_cfg(data)), science_hash(_cfg(other)), science_hash(_hub_cfg())}
     assert len(hashes) == 3
+
+
+@pytest.mark.parametrize("privacy", ["none", "dp"])
+def test_a_hub_dataset_is_named_by_its_revision_and_the_rows_it_yields(privacy, data, hub, tmp_path):
+    dp = [f"privacy={privacy}", "privacy.delta=1e-3", f"paths.target_cache_dir={tmp_path / 'targets'}"]
+    before = science_hash(_hub_cfg(*dp))
+    assert science_hash(_hub_cfg(*dp)) == before
+    assert {(c["hub_id"], c["revision"]) for c in hub} == {("stanfordnlp/sst2", None)}
+    assert science_hash(_hub_cfg(*dp, "task.hub_revision=v2")) != before
+    assert hub[-1]["revision"] == "v2"
+    # The same id and revision serving other rows (an unpinned dataset updated upstream): another job.
+    _edit_line(data / "sst2" / "train.jsonl", 5, "changed upstream")
+    assert science_hash(_hub_cfg(*dp)) != before
+
+
+def test_the_hub_is_read_at_the_pinned_revision(data, hub):
+    from gradmm.tasks import load_split
+
+    examples = load_split(_hub_cfg("task.hub_revision=abc123"), "train")
+    assert len(examples) == 200 and hub[-1] == {"hub_id": "stanfordnlp/sst2", "split": "train", "revision": "abc123"}
+
+
+def test_the_hub_without_a_hub_dataset_is_refused_by_name():
+    cfg = compose_config([*TINY, "task=rt_polarity", "paths.data_dir=null"])
+    with pytest.raises(ConfigError, match="task 'rt_polarity' has no hub dataset"):
+        validate(cfg)
 
 
 def test_under_dp_no_plain_hash_of_the_private_file_is_published(data, tmp_path):

@@ -3,8 +3,9 @@
 A job's directory is named after its science config and these fingerprints, so edited data files,
 another paths.data_dir holding other data, or the hub instead of local files never resume an old
 job, while identical data moved to another folder does. Local splits are identified by the SHA-256
-of their bytes; a hub dataset by its id and config (its revision is not pinned: a changed hub
-dataset is not detected).
+of their bytes, a hub split by the SHA-256 of the rows read from it (its id, config and revision are
+task keys, science like any other), so a hub dataset that changed under an unpinned revision is another
+job too.
 
 Under privacy=dp a plain hash of the training file would be a function of the private examples
 published in every job directory's name: anyone who knows the rest of the file could test guesses of
@@ -22,7 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gradmm import ledger
-from gradmm.tasks import split_path
+from gradmm.tasks import read_hub, split_path
 
 
 @functools.lru_cache(maxsize=64)
@@ -44,11 +45,7 @@ def file_sha256(path: Path) -> str:
 def data_fingerprint(cfg: DictConfig) -> dict:
     """What identifies the data this job reads: its training and evaluation splits, and the synthetic
     texts of data.synthetic_from when it reads them."""
-    if cfg.paths.data_dir is None:
-        splits = {"hub_id": cfg.task.hub_id, "hub_config": cfg.task.hub_config}
-    else:
-        splits = {split: file_sha256(split_path(cfg, split))
-                  for split in sorted({cfg.task.train_split, cfg.task.eval_split})}
+    splits = {split: split_sha256(cfg, split) for split in sorted({cfg.task.train_split, cfg.task.eval_split})}
     source = cfg.data.synthetic_from
     if source is not None:
         splits.update({f"synthetic_from/{name}": file_sha256(Path(source) / name)
@@ -67,9 +64,18 @@ def private_examples_id(cfg: DictConfig) -> str:
 
 
 def _train_identity(cfg: DictConfig) -> str:
-    if cfg.paths.data_dir is None:
-        return f"hub:{cfg.task.hub_id}:{cfg.task.hub_config}"
-    return file_sha256(split_path(cfg, cfg.task.train_split))
+    return split_sha256(cfg, cfg.task.train_split)
+
+
+def split_sha256(cfg: DictConfig, split: str) -> str:
+    """The local file's bytes, or the rows a hub split yields (the datasets cache makes a re-read cheap)."""
+    path = split_path(cfg, split)
+    if path is not None:
+        return file_sha256(path)
+    if cfg.task.hub_id is None:  # validation reports it
+        return "missing"
+    rows = read_hub(cfg.task, split)
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 
 def _list(value):

@@ -22,6 +22,9 @@ class TaskConfig:
     data_name: str = MISSING
     hub_id: Optional[str] = None
     hub_config: Optional[str] = None
+    # A commit, tag or branch of the hub dataset. Unpinned, the job is still named after the content it
+    # read (gradmm.fingerprint), so a changed hub dataset is another job, but a rerun may read new data.
+    hub_revision: Optional[str] = None
     label_names: list[str] = MISSING
     # Source label ids kept, in the order of label_names; None keeps all, unchanged.
     source_labels: Optional[list[int]] = None

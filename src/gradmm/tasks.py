@@ -64,7 +64,7 @@ def load_split(cfg: DictConfig, split: str) -> list[Example]:
     if path is not None:
         rows = _read_jsonl(path)
     else:
-        rows = _read_hub(task, split)
+        rows = read_hub(task, split)
     keep = task.source_labels
     remap = {src: new for new, src in enumerate(keep)} if keep is not None else None
     examples = []
@@ -127,7 +127,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _read_hub(task: DictConfig, split: str) -> list[dict]:
+def read_hub(task: DictConfig, split: str) -> list[dict]:
     if task.hub_id is None:
         raise ValueError(
             f"task {task.name!r} has no hub dataset (task.hub_id); set paths.data_dir to a folder of "
@@ -135,7 +135,8 @@ def _read_hub(task: DictConfig, split: str) -> list[dict]:
         )
     import datasets
 
-    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=task.hub_splits.get(split, split))
+    ds = datasets.load_dataset(task.hub_id, task.hub_config, split=task.hub_splits.get(split, split),
+                               revision=task.hub_revision)
     text_field = "text" if "text" in ds.column_names else "sentence"
     return [{"text": r[text_field], "label": int(r["label"])} for r in ds]
 

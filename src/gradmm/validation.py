@@ -207,6 +207,9 @@ def validate(cfg: DictConfig) -> None:
         )
 
     counts: dict[int, int] = {}
+    if cfg.paths.data_dir is None and task.hub_id is None:
+        problems.append(f"paths.data_dir=null reads the hub, but task {task.name!r} has no hub dataset "
+                        "(task.hub_id): set paths.data_dir to a folder of <task>/<split>.jsonl files.")
     if cfg.paths.data_dir is not None:
         try:
             counts = label_counts(split_path(cfg, task.train_split), input_checks.label_bound(cfg))
