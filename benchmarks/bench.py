@@ -14,7 +14,11 @@ default job's generation seconds per synthetic example from its first outer step
 round of an outer step with several rounds in one batch (generation.rounds_per_batch), and, when the job
 runs in anything but plain float32 (model.dtype, model.autocast, model.compile), how far its gradient
 distances are from float32's on the same sequences (the target: within 1e-2). Writes
-outputs/bench/bench.json (one record per configuration) and prints a table.
+outputs/bench/bench.json (one record per configuration) and prints a table. Through the job's tracker
+(W&B offline without a key; `tracker=disabled` turns it off, as --smoke does) it also logs one run
+of job type `bench` per call, kept in outputs/bench/runs/<UTC time>-<random>/: every figure in the summary as
+`bench/<case>/<figure>` (case B8_L16, end_to_end, rounds_per_batch4, precision) and the records as
+the table `bench/records`. Nothing is logged until every timing is done.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +46,12 @@ from gradmm.models import LM, load_lm
 from gradmm.pipeline import prepare
 from gradmm.projection import allowed_vocabulary, decode, project_topk_lm
 from gradmm.schemas import register_configs
+from gradmm.tracking import Tracker
 from gradmm.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
-        "e2e_outer_steps": 1, "rounds_per_batch": (1, 4), "overrides": ["tracker=disabled"]}
+        "e2e_outer_steps": 1, "rounds_per_batch": (1, 4), "overrides": []}
 SMOKE = {"batch_sizes": (2, 4), "seq_lens": (4, 8), "repeats": 1, "plain_matching_max_tokens": 10**9,
          "e2e_outer_steps": 1, "rounds_per_batch": (1, 2),
          "overrides": ["model=tiny", "tracker=disabled", "generation.n_real=8", "admm.inner_steps=2",
@@ -333,6 +339,28 @@ def bench_precision(lm: LM, cfg: DictConfig, setup, head, targets, allowed) -> d
     }
 
 
+def case(record: dict) -> str:
+    """Which measurement a record is, as one segment of a W&B key."""
+    if record["kind"] == "shape":
+        return f"B{record['batch_size']}_L{record['seq_len']}"
+    if record["kind"] == "batching":
+        return f"rounds_per_batch{record['rounds_per_batch']}"
+    return record["kind"]
+
+
+def log_to_tracker(cfg: DictConfig, records: list[dict], runs_dir: Path) -> None:
+    """One W&B run per call, in a new folder: a folder's wandb_run_id would resume an earlier run."""
+    if cfg.tracker.mode == "disabled":
+        return
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=runs_dir))
+    tracker = Tracker(cfg, run_dir, job_type="bench", makes_dataset=False)
+    for record in records:
+        tracker.log({"stage": "bench", **{f"{case(record)}/{name}": value for name, value in record.items()}})
+    tracker.log_table("bench/records", [{"case": case(r), **r} for r in records])
+    tracker.finish()
+
+
 def print_table(records: list[dict]) -> None:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -411,6 +439,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "projector_config": OmegaConf.to_container(cfg.projector)}
     records = [{**r, "machine": info} for r in records]
     artifacts.write_json(args.out, records)
+    log_to_tracker(cfg, records, Path(args.out).parent / "runs")
     print_table(records)
     print(f"load average {info['load_average_1min']:.1f} -> {info['load_average_1min_end']:.1f} "
           f"on {info['cpu_count']} CPUs ({info['torch_threads']} torch threads); wrote {args.out}")

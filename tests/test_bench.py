@@ -4,6 +4,7 @@ the plain ones. No timing is asserted: the figures depend on the machine and its
 import json
 
 from conftest import DATA_DIR, load_script
+from test_wandb import OfflineRun, offline_wandb  # noqa: F401 - a fixture
 
 REQUIRED = {
     "model", "device", "batch_size", "seq_len", "inner_step_s", "fwd_bwd_s", "inner_step_over_fwd_bwd",
@@ -49,3 +50,27 @@ def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_pa
     # Features kept in bfloat16 put this 1.1e-2 off; promoted to float32 it is 2.5e-4.
     assert precision["within_tolerance"] and precision["max_abs_diff"] <= 1e-2
     assert "against float32" in capsys.readouterr().out
+
+
+def test_the_benchmark_is_one_wandb_run_of_its_own_per_call(tmp_path, offline_wandb):  # noqa: F811
+    bench = load_script("benchmarks/bench.py")
+    out = tmp_path / "bench" / "bench.json"
+    argv = [f"paths.data_dir={DATA_DIR}", *offline_wandb, "--smoke", "--out", str(out), "--batch-sizes", "2",
+            "--seq-lens", "4"]
+    bench.main(argv)
+    bench.main(argv)
+    runs = sorted((tmp_path / "bench" / "runs").iterdir())
+    assert len({run.joinpath("wandb_run_id").read_text() for run in runs}) == len(runs) == 2
+    run = OfflineRun(runs[0])
+    records = json.loads(out.read_text())
+    shape = next(r for r in records if r["kind"] == "shape")
+    (info,) = run.of("run")
+    assert info.job_type == "bench"
+    summary = run.summary()
+    assert summary["bench/B2_L4/inner_step_over_fwd_bwd"] > 0
+    assert summary["bench/end_to_end/s_per_synthetic_example"] > 0
+    assert summary["bench/rounds_per_batch2/outer_step_s_per_round"] > 0
+    table = run.table("bench/records")
+    assert [row["case"] for row in table] == ["end_to_end", "B2_L4", "rounds_per_batch1", "rounds_per_batch2"]
+    assert table[1]["seq_len"] == 4 and table[1]["matched"] == shape["matched"]
+    assert {a.type for a in run.of("artifact")} == {"run_table"}  # the table; no synthetic set

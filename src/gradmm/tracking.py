@@ -13,7 +13,9 @@ What W&B gets, so that a dashboard reads without rearranging:
 - the synthetic texts as tables (`generate/texts`, `filter/texts`);
 - the job's synthetic set as a `dataset` artifact named after its job directory (the job's identity),
   and the set a job reads through `data.synthetic_from` as an artifact it uses;
-- flat config keys (`admm.rho`) and flat headline figures in the run summary (`headline`).
+- flat config keys (`admm.rho`) and flat headline figures in the run summary (`headline`);
+- a benchmark (benchmarks/bench.py) as a run of job type `bench`: its figures in the summary under
+  `bench/<case>/<figure>`, its records as the table `bench/records`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 def _per_class(name: str, values: list[float], label_names: list[str]) -> dict:
     return {f"{name}/{slug(label)}": v for label, v in zip(label_names, values, strict=True)}
 
@@ -129,13 +135,16 @@ def headline(summary: dict, label_names: list[str]) -> dict:
 
 
 class Tracker:
-    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str | None = None, active: bool = True):
-        """active=False: logs nothing anywhere (the non-main processes of `accelerate launch`)."""
+    def __init__(self, cfg: DictConfig, out_dir: Path, job_type: str | None = None, active: bool = True,
+                 makes_dataset: bool | None = None):
+        """active=False: logs nothing anywhere (the non-main processes of `accelerate launch`).
+        makes_dataset: whether the run's files are a synthetic set to log as an artifact at the end;
+        by default, whether its stages generate or filter."""
         self.metrics_path = out_dir / "metrics.jsonl"
         self.out_dir = out_dir
         self.active = active
         self.label_names = list(cfg.task.label_names)
-        self.makes_dataset = bool({"generate", "filter"} & set(cfg.stages))
+        self.makes_dataset = bool({"generate", "filter"} & set(cfg.stages)) if makes_dataset is None else makes_dataset
         self.upload_weights = cfg.tracker.upload_weights
         self.defined: set[str] = set()
         self.run = None
@@ -207,6 +216,17 @@ class Tracker:
             data = [[row["text"], row["label"], row["label_name"], row["round"], row["grad_distance"],
                      row["log_ppl"], kept(rule), rule] for row, rule in zip(rows, rules, strict=True)]
             run.log({f"{stage}/texts": wandb.Table(columns=TEXT_COLUMNS, data=data)})
+
+        self._safely(table)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of scalar fields as a table under `key`; a column per field any row has, in first-seen order."""
+
+        def table(run):
+            import wandb
+
+            columns = list(dict.fromkeys(k for row in rows for k, v in row.items() if _is_scalar(v)))
+            run.log({key: wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
 
         self._safely(table)
 
