@@ -13,7 +13,7 @@ import torch
 from conftest import DATA_DIR, TINY, compose_config
 from test_faults import _poison
 
-from gradmm import generate, job_dir, pipeline
+from gradmm import fingerprint, generate, job_dir, pipeline
 from gradmm.identity import science_hash
 from gradmm.validation import ConfigError, validate
 
@@ -81,6 +81,7 @@ def hub(data, monkeypatch):
         return datasets.Dataset.from_list([{"sentence": r["text"], "label": r["label"]} for r in rows])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(fingerprint, "_HUB_DIGESTS", {})
     return calls
 
 
@@ -104,8 +105,12 @@ def test_a_hub_dataset_is_named_by_its_revision_and_the_rows_it_yields(privacy, 
     assert {(c["hub_id"], c["revision"]) for c in hub} == {("stanfordnlp/sst2", None)}
     assert science_hash(_hub_cfg(*dp, "task.hub_revision=v2")) != before
     assert hub[-1]["revision"] == "v2"
-    # The same id and revision serving other rows (an unpinned dataset updated upstream): another job.
+    # Read once per process, however often the job's identity is asked for.
+    assert len(hub) == 2 * 2
+    # The same id and revision serving other rows (an unpinned dataset updated upstream): another job,
+    # from the next process on.
     _edit_line(data / "sst2" / "train.jsonl", 5, "changed upstream")
+    fingerprint._HUB_DIGESTS.clear()
     assert science_hash(_hub_cfg(*dp)) != before
 
 
@@ -372,3 +377,15 @@ def test_a_round_file_of_another_job_is_refused_not_resumed(data, tmp_path):
     with pytest.raises(job_dir.JobDirError, match=f"{round_file} .and 0 more. belong to another job"):
         pipeline.run_job(_cfg(data, root=tmp_path), path)
     assert round_file.read_bytes() == planted
+
+
+def test_a_checkpoint_of_another_job_is_refused_not_resumed(data, tmp_path, monkeypatch):
+    cfg, path, state = _checkpoint(tmp_path, data, monkeypatch)
+    assert torch.load(state, weights_only=True)["science_hash"] == science_hash(cfg)
+    # The same checkpoint as another config (admm.rho) would have saved it.
+    saved = torch.load(state, weights_only=True)
+    torch.save({**saved, "science_hash": science_hash(_cfg(data, "admm.rho=0.7", root=tmp_path))}, state)
+    planted = state.read_bytes()
+    with pytest.raises(job_dir.JobDirError, match=f"{state} .and 0 more. belong to another job"):
+        pipeline.run_job(cfg, path)
+    assert state.read_bytes() == planted

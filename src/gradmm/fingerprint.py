@@ -74,8 +74,15 @@ def split_sha256(cfg: DictConfig, split: str) -> str:
         return file_sha256(path)
     if cfg.task.hub_id is None:  # validation reports it
         return "missing"
-    rows = read_hub(cfg.task, split)
-    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    task = cfg.task
+    key = (task.hub_id, task.hub_config, task.hub_splits.get(split, split), task.hub_revision)
+    if key not in _HUB_DIGESTS:  # once per process: load_dataset asks the hub each time it is called
+        rows = read_hub(task, split)
+        _HUB_DIGESTS[key] = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    return _HUB_DIGESTS[key]
+
+
+_HUB_DIGESTS: dict[tuple, str] = {}
 
 
 def _list(value):

@@ -195,9 +195,10 @@ def _load_checkpoint(state_path: Path) -> dict:
         return fresh
 
 
-def _save_checkpoint(state_path: Path, attempt: int, faults: list[str], state: RoundState | None) -> None:
+def _save_checkpoint(state_path: Path, science: str, attempt: int, faults: list[str], state: RoundState | None) -> None:
+    """science: the job's science hash, so that a resumed run refuses another job's checkpoint (gradmm.job_dir)."""
     plain = None if state is None else {**vars(state), "best": [vars(best) for best in state.best]}
-    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": plain})
+    artifacts.save_torch(state_path, {"attempt": attempt, "faults": faults, "state": plain, "science_hash": science})
 
 
 def _rewrite_metrics(tracker: Tracker, rounds_dir: Path, jobs, pending) -> None:
@@ -223,7 +224,7 @@ def _without_group(record: dict) -> dict:
 
 def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, rounds_dir, batch) -> None:
     task, max_attempts = cfg.task, cfg.generation.max_restarts + 1
-    state_path = _checkpoint_path(rounds_dir, batch)
+    state_path, science = _checkpoint_path(rounds_dir, batch), science_hash(cfg)
     ctx = MatchingContext(head, [class_objective(cfg, targets, k) for k, _ in batch], [k for k, _ in batch],
                           setup.verbalizer.prompt_ids)
     admm, init, projector = round_settings(cfg)
@@ -248,7 +249,7 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
             state = start_round(lm, admm, init, ctx, allowed, setup.prefix_ids,
                                 [torch.Generator().manual_seed(seed) for seed in seeds])
             # Saved before it is logged, like every later step: whatever metrics.jsonl shows survives a kill.
-            _save_checkpoint(state_path, attempt, faults, state)
+            _save_checkpoint(state_path, science, attempt, faults, state)
             for record in state.records:
                 k, r = batch[record["group"]]
                 tracker.log_outer_step(k, r, _without_group(record))
@@ -256,7 +257,7 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
             steps.update(state.next_step - 1 - steps.n)
         try:
             results = run_round(lm, admm, projector, ctx, allowed, setup.prefix_ids, state, on_outer_step,
-                                functools.partial(_save_checkpoint, state_path, attempt, faults))
+                                functools.partial(_save_checkpoint, state_path, science, attempt, faults))
             break
         except NumericalFault as fault:
             # The batch's rounds share one optimiser state, so all of them restart.
@@ -265,7 +266,7 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
             attempt, state = attempt + 1, None
             steps.reset()
             # A job killed now resumes with the next attempt, as this one would have gone on.
-            _save_checkpoint(state_path, attempt, faults, None)
+            _save_checkpoint(state_path, science, attempt, faults, None)
     steps.close()
     for g, (k, r) in enumerate(batch):
         if attempt == max_attempts:
@@ -278,5 +279,5 @@ def _run_batch_with_restarts(cfg, setup, lm, head, targets, allowed, tracker, ro
                      "best_outer_step": results[g].best_outer_step, "faults": faults,
                      "process": processes(cfg).process_index}
         # Whose round this is: a resumed run refuses round files of another job (gradmm.job_dir).
-        artifacts.write_json(_round_path(rounds_dir, k, r), {**saved, "science_hash": science_hash(cfg)})
+        artifacts.write_json(_round_path(rounds_dir, k, r), {**saved, "science_hash": science})
     state_path.unlink(missing_ok=True)

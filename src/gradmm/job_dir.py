@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm import artifacts
@@ -56,14 +57,25 @@ def claim(cfg: DictConfig, out_dir: Path) -> None:
             f"{mine['science_hash']}). It differs in: {'; '.join(differing) or 'its identity record'}. Nothing "
             "there was changed. Run without hydra.run.dir to get this config's own directory, or name another."
         )
-    foreign = [p for p in sorted(out_dir.glob("rounds/class*_round*.json"))
-               if (_json(p) or {}).get("science_hash", mine["science_hash"]) != mine["science_hash"]]
+    stamped = [(p, (_json(p) or {}).get("science_hash")) for p in sorted(out_dir.glob("rounds/class*_round*.json"))]
+    stamped += [(p, _checkpoint_science(p)) for p in sorted(out_dir.glob("rounds/*.state.pt"))]
+    foreign = [p for p, science in stamped if science not in (None, mine["science_hash"])]
     if foreign:
         raise JobDirError(f"{foreign[0]} (and {len(foreign) - 1} more) belong to another job, not this one "
                           f"(science hash {mine['science_hash']}): move them out of {out_dir / 'rounds'} to resume.")
     if earlier is not None:
         log_resume(cfg, out_dir)
     artifacts.write_json(out_dir / IDENTITY_FILE, mine)
+
+
+def _checkpoint_science(path: Path) -> str | None:
+    """The science hash a checkpoint was saved under; None when it has none or cannot be read (generation
+    then moves it aside and reruns its rounds)."""
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, it is not another job's work
+        return None
+    return saved.get("science_hash") if isinstance(saved, dict) else None
 
 
 def read_identity(out_dir: Path) -> dict | None:
