@@ -27,8 +27,9 @@ reduced or modified protocol and must be written under another --name.
     python experiments/reproduce_cpu.py --only synthetic_filtered,synthetic
 
 re-measures only those training sets (after a change to the generator, say) and keeps the other rows
-of the existing results file: the real-data rows do not depend on the generator. Each row records the
-date it was measured.
+of the existing results file: the real-data rows do not depend on the generator. Each row records when
+and from which code version its evaluation job ran, and its generation job for synthetic rows (`made_by`
+in the jobs' summaries: a job resumed by a later call keeps the run that did the work).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from gradmm import artifacts
-from gradmm.identity import code_version, science_hash
+from gradmm.identity import science_hash
 from gradmm.pipeline import run_job
 from gradmm.schemas import register_configs
 from gradmm.validation import validate
@@ -129,6 +130,15 @@ def matched_description(cfg: DictConfig) -> str:
     return f"{matched}; {', '.join(how)}"
 
 
+def made_by(summary: dict, stage: str, job: Path) -> dict:
+    """When and from which code a job did the stage: the run that did it, which a resumed job keeps (and
+    for a job from before summaries recorded it, the summary file's time and an unrecorded version)."""
+    if stage in summary.get("made_by", {}):
+        return summary["made_by"][stage]
+    written = datetime.datetime.fromtimestamp((job / "summary.json").stat().st_mtime, datetime.timezone.utc)
+    return {"finished": written.isoformat(timespec="seconds"), "code_version": "unrecorded"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +165,6 @@ def main(argv: list[str] | None = None) -> dict:
     if partial and not results_path.is_file():
         parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
     results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
-    version = code_version(REPO)
     measured: set[str] = set()
     todo = {method: trained[method] for method in only}
     needed = [name for name in generations if any(job == name for job, _ in todo.values())]
@@ -173,10 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
         for i, (method, (job, extra)) in enumerate(todo.items(), len(needed) + 1):
             source, matched = generated[job]
             overrides = [*base, *generations[job], "stages=[evaluate]", f"data.synthetic_from={source}", *extra]
-            summary, _ = run(overrides, f"[{i}/{steps}] evaluate {method}")
+            summary, eval_dir = run(overrides, f"[{i}/{steps}] evaluate {method}")
             trains_on_generated = extra[0].startswith("evaluate.train_on=synthetic")
-            row = {"measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "code_version": version, "matched": matched if trains_on_generated else "-"}
+            made = made_by(summary, "evaluate", eval_dir)
+            row = {"measured": made["finished"], "code_version": made["code_version"],
+                   "matched": matched if trains_on_generated else "-"}
+            if trains_on_generated:
+                row["generated_by"] = made_by(json.loads((source / "summary.json").read_text()), "generate", source)
             results[method] = {"mean": summary["accuracy"], "std": summary["accuracy_std"],
                                "n_train": summary["evaluation"]["n_train"], **row}
             measured.add(method)

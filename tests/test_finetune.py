@@ -244,6 +244,10 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
         return {k: v for k, v in row.items() if k != "measured"}
 
     assert figures(again["synthetic"]) == figures(results["synthetic"])
+    # A row is dated by the run that trained its models, not by the call that collected it.
+    assert again["synthetic"]["measured"] == results["synthetic"]["measured"]
+    assert again["synthetic"]["generated_by"]["code_version"] == again["synthetic"]["code_version"]
+    assert "generated_by" not in again["real_seen"]
 
     # --only re-measures the named sets and keeps every other row of the results file.
     with pytest.raises(SystemExit):

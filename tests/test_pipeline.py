@@ -1,5 +1,6 @@
 """The generate job end to end on the tiny model (seconds) and briefly on the embedded model."""
 
+import datetime
 import json
 import subprocess
 import sys
@@ -39,6 +40,21 @@ def test_generate_on_tiny_model(tmp_path, projector):
     summary = run_job(cfg, tmp_path)
     _, written = _check_outputs(tmp_path, 8, cfg.admm.outer_steps)
     assert written == summary
+
+
+def test_each_stage_records_the_command_code_and_time_that_made_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["run.py", "stages=[generate]"])
+    first = run_job(compose_config([*TINY, f"paths.output_root={tmp_path}", "stages=[generate]"]), tmp_path)
+    made = first["made_by"]["generate"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert made["command"] == "run.py 'stages=[generate]'" and made["code_version"].startswith(head)
+    assert datetime.datetime.fromisoformat(made["finished"]).tzinfo is not None
+    monkeypatch.setattr(sys, "argv", ["run.py", "stages=[generate,filter]"])
+    resumed = run_job(compose_config([*TINY, f"paths.output_root={tmp_path}", "stages=[generate,filter]"]), tmp_path)
+    # Resumed: generation is still the first run's, the filter is this one's.
+    assert resumed["made_by"]["generate"] == made
+    assert resumed["made_by"]["filter"]["command"] == "run.py 'stages=[generate,filter]'"
+    assert json.loads((tmp_path / "summary.json").read_text())["made_by"] == resumed["made_by"]
 
 
 def test_cli_multirun_on_tiny_model(tmp_path):

@@ -8,11 +8,15 @@ runs, nor part of a sweep's name.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib.metadata
 import json
 import re
 import secrets
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,13 +92,29 @@ def run_id(*, _root_: DictConfig) -> str:
     return identity
 
 
-def code_version(repo: Path) -> str:
-    """The commit a result was made from, marked +uncommitted when the code or configs differ from it."""
+SOURCE_REPO = Path(__file__).resolve().parents[2]
+
+
+def code_version(repo: Path = SOURCE_REPO) -> str:
+    """The commit a result was made from, marked +uncommitted when the code or configs differ from it;
+    outside a git checkout (an installed package), the package's version."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
 
     try:
+        commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--", "src", "conf", "experiments", "benchmarks")
-        return (git("rev-parse", "HEAD") or "unknown") + ("+uncommitted" if dirty else "")
     except OSError:
+        commit = dirty = ""
+    if commit:
+        return commit + ("+uncommitted" if dirty else "")
+    try:
+        return f"gradmm {importlib.metadata.version('gradmm')}"
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def provenance() -> dict:
+    """Which command and code made a result, and when it was finished."""
+    return {"command": " ".join(shlex.quote(arg) for arg in sys.argv), "code_version": code_version(),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -14,6 +14,7 @@ from gradmm import artifacts, input_checks, job_dir, privacy
 from gradmm.filtering import filter_stage
 from gradmm.finetune import evaluate_stage
 from gradmm.generate import generate, processes
+from gradmm.identity import provenance
 from gradmm.inputs import Setup
 from gradmm.models import load_lm, load_tokenizer
 from gradmm.scoring import leakage_audit
@@ -33,6 +34,12 @@ def prepare(cfg: DictConfig, tokenizer=None) -> Setup:
         real = privacy.PrivateExamples(real)
     prefix_ids = tokenizer.encode(cfg.task.lm_prefix, add_special_tokens=False)
     return Setup(verbalizer, prefix_ids, real)
+
+
+def _made(summary: dict, stage: str) -> None:
+    """Which command and code version made this stage's results, and when: a resumed job keeps the
+    record of the run that did each stage."""
+    summary.setdefault("made_by", {})[stage] = provenance()
 
 
 def run_job(cfg: DictConfig, out_dir: Path) -> dict:
@@ -68,14 +75,17 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
             summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
             tracker.log_texts("generate", artifacts.read_jsonl(out_dir / "synthetic.jsonl"))
             summary["leakage"] = leakage_audit(cfg, out_dir)
+            _made(summary, "generate")
             artifacts.write_json(summary_path, summary)
         # Also when generation was done by an earlier run or job: no later stage reads the private examples.
         privacy.seal(setup.real)
         if "filter" in cfg.stages and "filter" not in summary:
             summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir, tracker)
+            _made(summary, "filter")
             artifacts.write_json(summary_path, summary)
         if "evaluate" in cfg.stages and "accuracy" not in summary:
             summary.update(evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker))
+            _made(summary, "evaluate")
             artifacts.write_json(summary_path, summary)
         # Under privacy=dp the audit, a function of the private examples, stays on this machine.
         private = cfg.privacy.name == "dp"
