@@ -61,9 +61,11 @@ def test_validate_only_checks_the_tokenizer_and_runs_nothing(tmp_path):
     ok = subprocess.run(common, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "config is valid" in ok.stdout
-    bad = subprocess.run([*common, "projector.topk=10000000"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert bad.returncode != 0 and "projector.topk=10000000" in bad.stderr
+    # A tokenizer-level problem is listed in the same report as a config problem, not after it is fixed.
+    bad = subprocess.run([*common, "projector.topk=10000000", "admm.rho=-1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "admm.rho=-1.0 must be positive" in bad.stderr
+    assert "projector.topk=10000000 is larger than the allowed vocabulary" in bad.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")
                 and ".hydra" not in p.parts]
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from gradmm import artifacts
 from gradmm.generate import processes
+from gradmm.models import load_tokenizer
 from gradmm.pipeline import prepare, run_job
 from gradmm.sweeps import objective_value
 from gradmm.validation import validate
@@ -21,9 +22,10 @@ def main(cfg: DictConfig) -> float | None:
     """Validates, runs, prints where the outputs are; returns cfg.objective.metric for sweepers."""
     from hydra.core.hydra_config import HydraConfig
 
-    validate(cfg)
+    tokenizer = _tokenizer_if_loadable(cfg)
+    validate(cfg, tokenizer)
     if cfg.validate_only:
-        prepare(cfg)
+        prepare(cfg, tokenizer)
         print("config is valid")
         return None
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -38,7 +40,7 @@ def main(cfg: DictConfig) -> float | None:
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = run_job(cfg, out_dir)
+        summary = run_job(cfg, out_dir, tokenizer)
     except KeyboardInterrupt as interrupt:
         signum = interrupt.args[0] if interrupt.args else signal.SIGINT
         print(f"\nInterrupted by {signal.Signals(signum).name}. Progress is saved in {out_dir}/; "
@@ -48,6 +50,16 @@ def main(cfg: DictConfig) -> float | None:
         return None
     print_summary(summary, out_dir)
     return objective_value(cfg, summary)
+
+
+def _tokenizer_if_loadable(cfg: DictConfig):
+    """The tokenizer, so that validation lists its problems with the config's. None when it cannot be
+    loaded: validation then names what is wrong with the model's config, or the job's own load raises
+    the loader's error."""
+    try:
+        return load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    except Exception:  # noqa: BLE001 - reported by validation or by the job's own load, never swallowed
+        return None
 
 
 def _raise_interrupt(signum, frame):

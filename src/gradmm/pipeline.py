@@ -42,8 +42,9 @@ def _made(summary: dict, stage: str) -> None:
     summary.setdefault("made_by", {})[stage] = provenance()
 
 
-def run_job(cfg: DictConfig, out_dir: Path) -> dict:
-    """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir."""
+def run_job(cfg: DictConfig, out_dir: Path, tokenizer=None) -> dict:
+    """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir. The
+    tokenizer is loaded unless given (the command line has it from validation)."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     main_process = processes(cfg).is_main_process
@@ -51,7 +52,8 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict:
         # Refuses a directory holding another job's work before anything there is written.
         job_dir.claim(cfg, out_dir)
         artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     setup = prepare(cfg, tokenizer)
     lm = load_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
     if problems := input_checks.model_limits(cfg, lm, setup):

@@ -1,7 +1,8 @@
 """Up-front validation: every problem of a config at once, before any model is loaded.
 
-`validate` checks the config and the data files (cheap: reads files, loads no model);
-`check_tokenizer` adds what only the tokenizer can tell.
+`validate` checks the config and the data files (cheap: reads files, loads no model) and, given the
+tokenizer, what only the tokenizer can tell (label words, vocabulary sizes), in the same list;
+`check_tokenizer` builds the verbalizer for a job and refuses the tokenizer-level problems.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def _positive(problems: list[str], key: str, value: Any) -> None:
         problems.append(f"{key}={value!r} must be positive.")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raises ConfigError listing every problem; cheap (reads data files, loads no model)."""
+def validate(cfg: DictConfig, tokenizer=None) -> None:
+    """Raises ConfigError listing every problem; cheap (reads data files, loads no model). With the
+    tokenizer, its problems are in the same list."""
     problems: list[str] = []
     task, gen, proj = cfg.task, cfg.generation, cfg.projector
 
@@ -230,14 +232,23 @@ def validate(cfg: DictConfig) -> None:
     _check_objective(problems, cfg)
     input_checks.check_config(problems, cfg)
     input_checks.check_files(problems, cfg)
+    if tokenizer is not None:
+        _build_verbalizer(problems, cfg, tokenizer)
     if problems:
         raise ConfigError(problems)
 
 
 def check_tokenizer(cfg: DictConfig, tokenizer) -> Verbalizer:
-    """The task's verbalizer for this tokenizer; raises ConfigError listing every tokenizer-level problem
-    (label words, vocabulary sizes), so they surface before the model is loaded."""
-    problems = []
+    """The task's verbalizer for this tokenizer; raises ConfigError listing every tokenizer-level problem."""
+    problems: list[str] = []
+    verbalizer = _build_verbalizer(problems, cfg, tokenizer)
+    if problems:
+        raise ConfigError(problems)
+    return verbalizer
+
+
+def _build_verbalizer(problems: list[str], cfg: DictConfig, tokenizer) -> Verbalizer | None:
+    """Appends what only the tokenizer can tell (label words, vocabulary sizes)."""
     verbalizer = None
     try:
         verbalizer = Verbalizer.build(cfg.task, tokenizer)
@@ -250,8 +261,6 @@ def check_tokenizer(cfg: DictConfig, tokenizer) -> Verbalizer:
         )
     if cfg.projector.lm_topk > len(tokenizer):
         problems.append(f"projector.lm_topk={cfg.projector.lm_topk} is larger than the vocabulary ({len(tokenizer)}).")
-    if problems:
-        raise ConfigError(problems)
     return verbalizer
 
 
