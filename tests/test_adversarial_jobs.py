@@ -67,6 +67,27 @@ def test_the_same_data_in_another_folder_is_the_same_job(data, tmp_path):
     assert science_hash(_cfg(moved)) == science_hash(_cfg(data))
 
 
+def test_one_generation_however_its_path_is_spelt_is_one_evaluation_job(data, tmp_path, monkeypatch):
+    source = tmp_path / "runs" / "gen"
+    source.mkdir(parents=True)
+    for name in ("synthetic.jsonl", "synthetic_filtered.jsonl"):
+        (source / name).write_text('{"text": "a fine film", "label": 1}\n')
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+
+    def evaluation(path):
+        return science_hash(_cfg(data, "stages=[evaluate]", f"data.synthetic_from={path}"))
+
+    monkeypatch.chdir(tmp_path)
+    assert evaluation(source) == evaluation("runs/gen") == evaluation("./runs/../runs/gen") == evaluation("link/gen")
+    # Another generation (same texts, another job directory) is still another job, and so are edited texts.
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    before = evaluation(source)
+    assert evaluation(other) != before
+    (source / "synthetic_filtered.jsonl").write_text('{"text": "a dull film", "label": 0}\n')
+    assert evaluation(source) != before
+
+
 @pytest.fixture
 def hub(data, monkeypatch):
     """datasets.load_dataset served from the local copy, recording what each call asked for: the hub

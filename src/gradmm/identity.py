@@ -68,6 +68,11 @@ def science_config(cfg: DictConfig) -> dict:
         for parent in parents:
             node = node.get(parent, {})
         node.pop(leaf, None)
+    # One generation job, however the path to it is spelt (relative to wherever the job was started,
+    # through a symlink): the same evaluation job.
+    source = science.get("data", {}).get("synthetic_from")
+    if source is not None:
+        science["data"]["synthetic_from"] = str(Path(source).resolve())
     return science
 
 
