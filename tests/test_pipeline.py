@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, compose_config
+from conftest import REPO, TINY, compose_config, load_script
 
 from gradmm.artifacts import read_jsonl
 from gradmm.generate import round_settings
@@ -152,3 +152,19 @@ def test_the_tracker_finishes_with_a_failure_code_when_a_stage_fails(tiny_cfg, t
     with pytest.raises(RuntimeError, match="filter broke"):
         run_job(tiny_cfg, tmp_path / "broken")
     assert codes == [0, 1]
+
+
+def test_same_generation_tells_identical_jobs_from_changed_ones(tmp_path, capsys):
+    same = load_script("experiments/same_generation.py")
+    cfg = compose_config([*TINY, "stages=[generate]"])
+    run_job(cfg, tmp_path / "old")
+    run_job(cfg, tmp_path / "new")
+    assert same.main([str(tmp_path / "old"), str(tmp_path / "new")]) == 0
+    out = capsys.readouterr().out
+    assert "texts: 8 of 8 identical" in out and "outer steps grad_distance_z: largest difference 0" in out
+    rows = read_jsonl(tmp_path / "new" / "synthetic.jsonl")
+    rows[3] = {**rows[3], "text": "something else", "grad_distance": rows[3]["grad_distance"] + 0.5}
+    (tmp_path / "new" / "synthetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert same.main([str(tmp_path / "old"), str(tmp_path / "new")]) == 1
+    out = capsys.readouterr().out
+    assert "texts: 7 of 8 identical" in out and "row 3:" in out and "texts grad_distance: largest difference 0.5" in out
