@@ -68,7 +68,7 @@ def _train_identity(cfg: DictConfig) -> str:
 
 
 def split_sha256(cfg: DictConfig, split: str) -> str:
-    """The local file's bytes, or the rows a hub split yields (the datasets cache makes a re-read cheap)."""
+    """The SHA-256 of the local file's bytes, or of the rows a hub split yields."""
     path = split_path(cfg, split)
     if path is not None:
         return file_sha256(path)
