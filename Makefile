@@ -33,8 +33,8 @@ setup: $(BIN)/.installed  ## create .venv/ and install the package, torch and th
 run: setup  ## run the default job (SST-2, embedded SmolLM2, CPU); extra overrides via ARGS="..."
 	$(BIN)/python run.py $(ARGS)
 
-reproduce-cpu: setup  ## the SST-2 comparison of synthetic and real data (1.5 h on 2 cores; resumable) -> experiments/results/
-	$(BIN)/python experiments/reproduce_cpu.py $(ARGS)
+reproduce-cpu: setup  ## SST-2: synthetic vs real data and the control, also from 5 and 10 real examples (~3.5 h on 2 cores; resumable) -> experiments/results/cpu_sst2.*
+	$(BIN)/python experiments/reproduce_cpu.py --few-real 5,10 $(ARGS)
 
 validate: setup  ## check a config (ARGS="...") without loading a model
 	$(BIN)/python run.py validate_only=true $(ARGS)

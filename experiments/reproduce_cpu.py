@@ -1,6 +1,6 @@
 """The CPU comparison on SST-2 with the embedded model: synthetic data against real data and a control.
 
-    make reproduce-cpu                   # the protocol of conf/experiment/cpu_sst2.yaml (hours on 2 cores)
+    make reproduce-cpu                   # = --few-real 5,10: every row of results/cpu_sst2.md (~3.5 h on 2 cores)
     python experiments/reproduce_cpu.py --name cpu_sst2_reduced evaluate.steps=50 evaluate.seeds=[0]
     python experiments/reproduce_cpu.py --only lm_samples,lm_samples_filtered
 
