@@ -60,6 +60,10 @@ class ModelConfig:
     # bfloat16/float16 (null: off; ignored off CUDA) with float32 weights (model.dtype=float32).
     compile: bool = False
     autocast: Optional[str] = None
+    # The linear layers whose gradient carries the classes on this model, as regular expressions over
+    # module names: what matching=block and matching=lora_block match. Measured per model with
+    # experiments/class_signal.py (docs/method.md section 11); unmeasured models name their middle block.
+    class_signal_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
