@@ -5,8 +5,9 @@
     python experiments/reproduce_cpu.py --only lm_samples,lm_samples_filtered
 
 Two generation jobs (256 texts from 50 real examples each, filtered to at most 100): the preset's
-matching, and its control, the same job with admm.outer_steps=0 (the generator's own LM samples, no
-ADMM step, scored and filtered exactly alike), then one evaluation job per training set, each with
+matching, and its control, the same job with admm.outer_steps=0 and no init_candidates (the
+generator's own LM samples, neither selected nor optimised by the matching, scored and filtered
+exactly alike), then one evaluation job per training set, each with
 `evaluate.seeds`:
 
     synthetic_filtered (+ the zero_shot and few_shot references), synthetic, lm_samples_filtered,
@@ -54,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 FULL_NAME = "cpu_sst2"
 
 # The generation jobs, as overrides of the preset.
-GENERATIONS = {"matched": [], "lm_samples": ["admm.outer_steps=0"]}
+GENERATIONS = {"matched": [], "lm_samples": ["admm.outer_steps=0", "generation.init_candidates=null"]}
 # Training set -> (generation job, overrides of its evaluation job).
 TRAINED = {
     "synthetic_filtered": ("matched", ["evaluate.train_on=synthetic_filtered",
