@@ -116,14 +116,18 @@ def table(results: dict, command: str, overrides: list[str]) -> str:
 
 
 def matched_description(cfg: DictConfig) -> str:
-    """What the generation job matched, for the row: its matching choice, or none for the control."""
-    if cfg.admm.outer_steps == 0:
-        return "none (LM samples, admm.outer_steps=0)"
-    m = cfg.matching
-    if m.kind == "output_layer":
-        return f"output layer ({m.loss})"
-    rank = f" rank {m.lora_rank}" if m.kind == "lora" else ""
-    return f"{m.kind}{rank}: {' '.join(m.modules)} ({m.loss})"
+    """What the generation job matched and how, for its rows: none for the control."""
+    gen, admm, m = cfg.generation, cfg.admm, cfg.matching
+    if admm.outer_steps == 0 and not gen.init_candidates:
+        return "none (LM samples)"
+    matched = f"output layer ({m.loss})" if m.kind == "output_layer" else (
+        f"{m.kind}{f' rank {m.lora_rank}' if m.kind == 'lora' else ''}: {' '.join(m.modules)} ({m.loss})")
+    how = []
+    if gen.init_candidates:
+        how.append(f"best {gen.batch_size} of {gen.init_candidates} LM samples")
+    if admm.outer_steps:
+        how.append(f"ADMM {admm.outer_steps}x{admm.inner_steps}")
+    return f"{matched}; {', '.join(how)}"
 
 
 def code_version() -> str:
