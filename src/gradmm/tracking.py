@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 STEP_METRICS = {"generate": "generate/outer_step", "evaluate": "evaluate/step"}
 # A job's synthetic set as an artifact: the files a later job reads, and what they scored.
 DATASET_FILES = ("synthetic.jsonl", "synthetic_filtered.jsonl", "summary.json")
-TEXT_COLUMNS = ["text", "label", "label_name", "round", "grad_distance", "log_ppl", "kept", "dropped_by"]
+# A synthetic text's fields in its table, before the filter's `kept` and `dropped_by`.
+TEXT_FIELDS = ("text", "label", "label_name", "round", "grad_distance", "log_ppl")
 # The fields of a dev record that say which curve it belongs to, not what it measured.
 _DEV_TAGS = ("stage", "method", "seed", "lr", "step")
 
@@ -207,17 +208,11 @@ class Tracker:
     def log_texts(self, stage: str, rows: list[dict], dropped_by: list[str | None] | None = None) -> None:
         """The synthetic texts as a table under `<stage>/texts`; dropped_by (after filtering) names the
         rule that dropped each row, None where the row was kept."""
-
-        def table(run):
-            import wandb
-
-            rules = dropped_by if dropped_by is not None else [None] * len(rows)
-            kept = (lambda rule: rule is None) if dropped_by is not None else (lambda rule: None)
-            data = [[row["text"], row["label"], row["label_name"], row["round"], row["grad_distance"],
-                     row["log_ppl"], kept(rule), rule] for row, rule in zip(rows, rules, strict=True)]
-            run.log({f"{stage}/texts": wandb.Table(columns=TEXT_COLUMNS, data=data)})
-
-        self._safely(table)
+        rules = dropped_by if dropped_by is not None else [None] * len(rows)
+        self.log_table(f"{stage}/texts", [
+            {**{field: row[field] for field in TEXT_FIELDS},
+             "kept": None if dropped_by is None else rule is None, "dropped_by": rule}
+            for row, rule in zip(rows, rules, strict=True)])
 
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Rows of scalar fields as a table under `key`; a column per field any row has, in first-seen order."""
