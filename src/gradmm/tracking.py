@@ -210,7 +210,7 @@ class Tracker:
         rule that dropped each row, None where the row was kept."""
         rules = dropped_by if dropped_by is not None else [None] * len(rows)
         self.log_table(f"{stage}/texts", [
-            {**{field: row[field] for field in TEXT_FIELDS},
+            {**{field: row.get(field) for field in TEXT_FIELDS},
              "kept": None if dropped_by is None else rule is None, "dropped_by": rule}
             for row, rule in zip(rows, rules, strict=True)])
 
