@@ -1,32 +1,39 @@
-"""The CPU comparison on SST-2 with the embedded model: synthetic data against real data and a control.
+"""The CPU protocol on one task with the embedded model: GRADMM's ADMM step against the selection it
+starts from, the control and the real examples.
 
-    make reproduce-cpu                   # = --few-real 5,10: every row of results/cpu_sst2.md (~3.5 h on 2 cores)
+    make reproduce-cpu                              # SST-2, every row (hours on 2 cores; resumable)
+    python experiments/reproduce_cpu.py --task rotten_tomatoes \
+        --only lm_samples_filtered,selection_filtered,admm_filtered,real_seen   # the rows that answer the question
     python experiments/reproduce_cpu.py --name cpu_sst2_reduced evaluate.steps=50 evaluate.seeds=[0]
-    python experiments/reproduce_cpu.py --only lm_samples,lm_samples_filtered
 
-Two generation jobs (256 texts from 50 real examples each, filtered to at most 100): the preset's
-matching, and its control, the same job with admm.outer_steps=0 and no init_candidates (the
-generator's own LM samples, neither selected nor optimised by the matching, scored and filtered
-exactly alike), then one evaluation job per training set, each with
-`evaluate.seeds`:
+Three generation jobs (256 texts from 50 real examples each, filtered to at most 100), all under the
+`cpu_sst2` preset with `task=<task>`:
 
-    synthetic_filtered (+ the zero_shot and few_shot references), synthetic, lm_samples_filtered,
-    lm_samples, real_seen (the 50 real examples the generator saw), real_random_100, real_random_1000;
-    and with --few-real 5,10 the paper's few-example setting: synthetic_filtered_n5 (generated from
-    5 real examples) against real_seen_n5 (fine-tuning on those 5), and the same for 10.
+    admm        the preset: each round starts from the best 8 of 64 LM samples by the matched gradient
+                (generation.init_candidates), then takes the ADMM steps of the default budget (conf/admm);
+    selection   the same without any ADMM step (admm.outer_steps=0);
+    lm_samples  the control: the generator's own LM samples, neither selected nor optimised
+                (admm.outer_steps=0, no init_candidates), scored and filtered exactly alike;
 
-If synthetic_filtered is not above lm_samples_filtered, the accuracy comes from the filter and the LM,
-not from the matching.
+then one evaluation job per training set, each with `evaluate.seeds`: admm_filtered, admm,
+selection_filtered (+ the zero_shot and few_shot references), selection, lm_samples_filtered,
+lm_samples, real_seen (the 50 real examples the generator saw), real_random_100, real_random_1000; and
+with --few-real 5,10 the paper's few-example setting: admm_filtered_n5 (generated from 5 real examples)
+against real_seen_n5 (fine-tuning on those 5), and the same for 10. admm_filtered against
+selection_filtered is what the ADMM step adds; selection_filtered against lm_samples_filtered is what
+the matched selection adds. Accuracy is on the task's validation split, which no choice looks at
+(learning rate and checkpoint are chosen on a dev split of the training data).
 
 Every job is an ordinary `run.py` job (the same hash-named directory `python run.py experiment=cpu_sst2
 ...` would use), so a re-run resumes where it stopped, at the granularity of one trained model. Writes
-experiments/results/<name>.json ({method: {mean, std, n_train, measured}}, accuracies in [0, 1]) and
-<name>.md. Extra arguments are Hydra overrides applied to every job; results made with any are a
-reduced or modified protocol and must be written under another --name.
+experiments/results/<name>.json ({method: {mean, std, seeds, n_train, measured}}, accuracies in [0, 1])
+and <name>.md; <name> is cpu_<task> unless --name says otherwise. Extra arguments are Hydra overrides
+applied to every job; results made with any are a reduced or modified protocol and must be written
+under another --name.
 
-    python experiments/reproduce_cpu.py --only synthetic_filtered,synthetic
+    python experiments/reproduce_cpu.py --only admm_filtered,admm
 
-re-measures only those training sets (after a change to the generator, say) and keeps the other rows
+(re-)measures only those training sets (after a change to the generator, say) and keeps the other rows
 of the existing results file: the real-data rows do not depend on the generator. Each row records when
 and from which code version its evaluation job ran, and its generation job for synthetic rows (`made_by`
 in the jobs' summaries: a job resumed by a later call keeps the run that did the work).
@@ -52,21 +59,27 @@ from gradmm.schemas import register_configs
 from gradmm.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
-FULL_NAME = "cpu_sst2"
 
 # The generation jobs, as overrides of the preset.
-GENERATIONS = {"matched": [], "lm_samples": ["admm.outer_steps=0", "generation.init_candidates=null"]}
+GENERATIONS = {
+    "admm": [],
+    "selection": ["admm.outer_steps=0"],
+    "lm_samples": ["admm.outer_steps=0", "generation.init_candidates=null"],
+}
 # Training set -> (generation job, overrides of its evaluation job).
 TRAINED = {
-    "synthetic_filtered": ("matched", ["evaluate.train_on=synthetic_filtered",
-                                       "evaluate.baselines=[zero_shot,few_shot]"]),
-    "synthetic": ("matched", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
+    "admm_filtered": ("admm", ["evaluate.train_on=synthetic_filtered", "evaluate.baselines=[]"]),
+    "admm": ("admm", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
+    "selection_filtered": ("selection", ["evaluate.train_on=synthetic_filtered",
+                                         "evaluate.baselines=[zero_shot,few_shot]"]),
+    "selection": ("selection", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
     "lm_samples_filtered": ("lm_samples", ["evaluate.train_on=synthetic_filtered", "evaluate.baselines=[]"]),
     "lm_samples": ("lm_samples", ["evaluate.train_on=synthetic", "evaluate.baselines=[]"]),
-    "real_seen": ("matched", ["evaluate.train_on=real_seen", "evaluate.baselines=[]"]),
-    "real_random_100": ("matched", ["evaluate.train_on=real_random", "evaluate.n_train=100", "evaluate.baselines=[]"]),
-    "real_random_1000": ("matched", ["evaluate.train_on=real_random", "evaluate.n_train=1000",
-                                     "evaluate.baselines=[]"]),
+    "real_seen": ("selection", ["evaluate.train_on=real_seen", "evaluate.baselines=[]"]),
+    "real_random_100": ("selection", ["evaluate.train_on=real_random", "evaluate.n_train=100",
+                                      "evaluate.baselines=[]"]),
+    "real_random_1000": ("selection", ["evaluate.train_on=real_random", "evaluate.n_train=1000",
+                                       "evaluate.baselines=[]"]),
 }
 
 
@@ -75,13 +88,13 @@ def few_real_sets(sizes: list[int]) -> tuple[dict, dict]:
     generations = {f"n{n}": [f"generation.n_real={n}"] for n in sizes}
     trained = {}
     for n in sizes:
-        trained[f"synthetic_filtered_n{n}"] = (f"n{n}", ["evaluate.train_on=synthetic_filtered",
-                                                         "evaluate.baselines=[]"])
+        trained[f"admm_filtered_n{n}"] = (f"n{n}", ["evaluate.train_on=synthetic_filtered",
+                                                    "evaluate.baselines=[]"])
         trained[f"real_seen_n{n}"] = (f"n{n}", ["evaluate.train_on=real_seen", "evaluate.baselines=[]"])
     return generations, trained
 
 
-# Reported next to the trained models: references computed by the synthetic_filtered job.
+# Reported next to the trained models: references computed by the selection_filtered job.
 REFERENCES = ("zero_shot", "few_shot")
 
 
@@ -106,11 +119,12 @@ def table(results: dict, command: str, overrides: list[str]) -> str:
         f"Last run: `{command}`"
         + (f" (overrides, NOT the full protocol: `{' '.join(overrides)}`)." if overrides else "."),
         "",
-        "| training set | n_train | accuracy (mean +- std over seeds) | matched | code | measured |",
-        "|---|---:|---:|---|---|---|",
+        "| training set | n_train | accuracy (mean +- std over seeds) | seeds | matched | code | measured |",
+        "|---|---:|---:|---|---|---|---|",
     ]
     for method, r in sorted(results.items()):
-        lines.append(f"| {method} | {r['n_train']} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} "
+        seeds = ", ".join(f"{100 * a:.1f}" for a in r.get("seeds", [])) or "-"
+        lines.append(f"| {method} | {r['n_train']} | {100 * r['mean']:.1f} +- {100 * r['std']:.1f} | {seeds} "
                      f"| {r.get('matched', '-')} | {r.get('code_version', '-')[:12]} | {r['measured']} |")
     return "\n".join(lines) + "\n"
 
@@ -126,7 +140,8 @@ def matched_description(cfg: DictConfig) -> str:
     if gen.init_candidates:
         how.append(f"best {gen.batch_size} of {gen.init_candidates} LM samples")
     if admm.outer_steps:
-        how.append(f"ADMM {admm.outer_steps}x{admm.inner_steps}")
+        patience = f", patience {admm.patience}" if admm.patience is not None else ""
+        how.append(f"ADMM {admm.outer_steps}x{admm.inner_steps} (rho {admm.rho}{patience}, {cfg.projector.name})")
     return f"{matched}; {', '.join(how)}"
 
 
@@ -142,7 +157,8 @@ def made_by(summary: dict, stage: str, job: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default=FULL_NAME, help="results file stem (default: %(default)s)")
+    parser.add_argument("--task", default="sst2", help="conf/task option (default: %(default)s)")
+    parser.add_argument("--name", help="results file stem (default: cpu_<task>)")
     parser.add_argument("--results-dir", type=Path, default=REPO / "experiments" / "results")
     parser.add_argument("--experiment", default="cpu_sst2", help="preset (default: %(default)s)")
     parser.add_argument("--few-real", type=lambda s: [int(n) for n in s.split(",")], default=[],
@@ -152,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "from the existing results file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every job")
     args = parser.parse_args(argv)
-    if args.overrides and args.name == FULL_NAME:
-        parser.error(f"overrides change the protocol: pass another --name than {FULL_NAME!r}.")
+    full_name = f"cpu_{args.task}"
+    args.name = args.name or full_name
+    if args.overrides and args.name == full_name:
+        parser.error(f"overrides change the protocol: pass another --name than {full_name!r}.")
     few_generations, few_trained = few_real_sets(args.few_real)
     generations, trained = {**GENERATIONS, **few_generations}, {**TRAINED, **few_trained}
     only = args.only or list(trained)
@@ -161,16 +179,14 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"--only {','.join(unknown)}: not a training set; choose from {','.join(trained)}.")
     results_path = args.results_dir / f"{args.name}.json"
-    partial = args.only is not None
-    if partial and not results_path.is_file():
-        parser.error(f"--only keeps the other rows of {results_path}, which does not exist: run every set first.")
+    partial = args.only is not None and results_path.is_file()
     results: dict[str, dict] = json.loads(results_path.read_text()) if partial else {}
     measured: set[str] = set()
     todo = {method: trained[method] for method in only}
     needed = [name for name in generations if any(job == name for job, _ in todo.values())]
 
     register_configs()
-    base = [f"experiment={args.experiment}", *args.overrides]
+    base = [f"experiment={args.experiment}", f"task={args.task}", *args.overrides]
     steps = len(needed) + len(todo)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         generated = {}
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             if trains_on_generated:
                 row["generated_by"] = made_by(json.loads((source / "summary.json").read_text()), "generate", source)
             results[method] = {"mean": summary["accuracy"], "std": summary["accuracy_std"],
+                               "seeds": [r["accuracy"] for r in summary["evaluation"]["runs"]],
                                "n_train": summary["evaluation"]["n_train"], **row}
             measured.add(method)
             print(f"  {method}: {summary['accuracy']:.3f} +- {summary['accuracy_std']:.3f}", flush=True)

@@ -35,6 +35,9 @@ TINY = [
     "projector.topk=20",
     "projector.lm_topk=20",
     "projector.exact_candidates=2",
+    "projector.swaps_per_row=3",
+    "admm.patience=null",
+    "generation.init_candidates=null",
 ]
 
 

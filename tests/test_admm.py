@@ -140,3 +140,19 @@ def test_generation_matches_the_targets_better_than_random_tokens(tiny_cfg, tmp_
     tiny_cfg.admm.outer_steps, tiny_cfg.admm.inner_steps = 3, 5
     summary = run_job(tiny_cfg, tmp_path)
     assert summary["grad_distance_set"] < summary["random_baseline"]["grad_distance_set"]
+
+
+def test_patience_ends_a_round_after_outer_steps_that_find_nothing_better(tiny_lm_factory):
+    """A projector that never moves z finds nothing better than the start: with patience 1 the round
+    stops after one outer step, without it it runs them all; the best iterate is the same."""
+    lm = tiny_lm_factory(dtype="float64")
+    ctx = _context(lm)
+
+    def keep(lm, points, current, allowed, ctx, prefix_ids):
+        return current
+
+    patient, _, kept = _round(lm, ctx, _params(outer_steps=4, patience=1), keep)
+    full, _, all_steps = _round(lm, ctx, _params(outer_steps=4), keep)
+    assert [r["outer_step"] for r in patient.records] == [0, 1]
+    assert [r["outer_step"] for r in full.records] == [0, 1, 2, 3, 4]
+    assert torch.equal(kept[0].tokens, all_steps[0].tokens)

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient, replacement_distances, set_distance, vdot
 from gradmm.matched import ParameterGradient, build_matched_gradient, lora_projections, select_linear_modules
-from gradmm.matching_context import MatchingContext, project_matching_lm
+from gradmm.matching_context import MatchingContext, project_matching_lm_exact
 from gradmm.models import LM
 from gradmm.projection import allowed_vocabulary
 
@@ -180,8 +180,8 @@ def test_projector_exact_scores_equal_recomputation(tiny_lm_factory, kind):
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     points = lm.input_embeddings[current] + 0.3 * torch.randn(4, 5, lm.input_embeddings.shape[1], dtype=torch.float64)
     options = dict(topk=30, lm_topk=30, exact_candidates=3, match_weight=50.0, prefix_ids=[21465, 42])
-    incremental = project_matching_lm(lm, points, current, allowed, ctx, **options)
-    whole = project_matching_lm(lm, points, current, allowed, ctx, incremental=False, **options)
+    incremental = project_matching_lm_exact(lm, points, current, allowed, ctx, **options)
+    whole = project_matching_lm_exact(lm, points, current, allowed, ctx, incremental=False, **options)
     assert torch.equal(incremental, whole)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient
 from gradmm.matched import OutputLayerGradient
-from gradmm.matching_context import MatchingContext, project_matching_lm
+from gradmm.matching_context import MatchingContext, project_matching_lm_exact
 from gradmm.projection import allowed_vocabulary, cosine_topk_mask, project_nearest, project_topk_lm
 
 PREFIX = [21465, 42]  # "Review:"
@@ -61,7 +61,7 @@ def test_matching_lm_without_matching_weight_keeps_the_paper_projection(tiny_lm_
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
     points = torch.randn(3, 5, lm.input_embeddings.shape[1], dtype=torch.float64)
     plain = project_topk_lm(lm, points, allowed, 40, PREFIX)
-    guided = project_matching_lm(
+    guided = project_matching_lm_exact(
         lm, points, plain, allowed, _context(lm), topk=40, lm_topk=len(allowed), exact_candidates=3,
         match_weight=0.0, prefix_ids=PREFIX,
     )
@@ -76,8 +76,8 @@ def test_matching_lm_with_large_weight_lowers_the_discrete_loss(tiny_lm_factory)
     current = project_nearest(lm, points, allowed)
     before = ctx.group_losses(ctx.features(lm, current)).item()
     kwargs = dict(topk=len(allowed), lm_topk=len(allowed), exact_candidates=4, prefix_ids=PREFIX)
-    plain = project_matching_lm(lm, points, current, allowed, ctx, match_weight=0.0, **kwargs)
-    guided = project_matching_lm(lm, points, current, allowed, ctx, match_weight=1e6, **kwargs)
+    plain = project_matching_lm_exact(lm, points, current, allowed, ctx, match_weight=0.0, **kwargs)
+    guided = project_matching_lm_exact(lm, points, current, allowed, ctx, match_weight=1e6, **kwargs)
     after_plain = ctx.group_losses(ctx.features(lm, plain)).item()
     after_guided = ctx.group_losses(ctx.features(lm, guided)).item()
     assert after_guided < min(before, after_plain)
@@ -112,10 +112,74 @@ def test_fast_paths_pick_the_same_tokens_as_the_plain_ones(tiny_lm_factory):
     for weight, lm_topk, ctx in [(0.0, 30, _context(lm)), (50.0, 30, _context(lm)), (1e6, len(allowed), _context(lm)),
                                  (1e6, len(allowed), _context(lm, union_weight=1.0))]:
         kwargs = dict(topk=60, lm_topk=lm_topk, exact_candidates=3, match_weight=weight, prefix_ids=PREFIX)
-        fast = project_matching_lm(lm, points, current, allowed, ctx, **kwargs)
-        plain = project_matching_lm(lm, points, current, allowed, ctx, incremental=False, **kwargs)
+        fast = project_matching_lm_exact(lm, points, current, allowed, ctx, **kwargs)
+        plain = project_matching_lm_exact(lm, points, current, allowed, ctx, incremental=False, **kwargs)
         assert torch.equal(fast, plain), weight
         changed_any |= bool((fast != current).any())
     assert changed_any
     naive = project_topk_lm(lm, points, allowed, 40, PREFIX, reuse_cache=False)
     assert torch.equal(naive, project_topk_lm(lm, points, allowed, 40, PREFIX))
+
+
+def test_best_row_mix_equals_exhaustive_search_on_two_groups(tiny_lm_factory):
+    """Each row keeps its tokens or takes one of two alternatives. Scored by recomputing the loss from
+    scratch, the chosen mix of each group is the best of all 3^3 mixes, or at least one that no single
+    row's change improves (a hill climb's promise), and never worse than keeping every row."""
+    import itertools
+
+    from gradmm.matching_context import best_row_mix
+
+    lm = tiny_lm_factory(dtype="float64")
+    ctx = _context(lm)
+    ctx = MatchingContext(ctx.matched, [ctx.objectives[0], _context(lm, label=0).objectives[0]], [1, 0],
+                          ctx.prompt_ids)
+    generator = torch.Generator().manual_seed(4)
+    options = torch.randint(100, 2000, (3, 6, 5), generator=generator)  # option x row x position
+    feats = [ctx.features(lm, tokens) for tokens in options]
+    gains = torch.randn(6, 3, dtype=torch.float64, generator=generator) * 0.05
+    gains[:, 0] = 0
+    weight = 20.0
+    pick = best_row_mix(ctx, feats, gains, weight)
+
+    def score(group, choice):
+        rows = range(3 * group, 3 * group + 3)
+        tokens = torch.stack([options[o, r] for o, r in zip(choice, rows, strict=True)])
+        loss = ctx.objectives[group](ctx.group(group).features(lm, tokens))
+        return sum(gains[r, o] for o, r in zip(choice, rows, strict=True)) - weight * loss
+
+    exhaustive_hits = 0
+    for group in (0, 1):
+        chosen = pick[3 * group : 3 * group + 3].tolist()
+        found = score(group, chosen)
+        neighbours = [chosen[:r] + [o] + chosen[r + 1 :] for r in range(3) for o in range(3)]
+        assert all(found >= score(group, other) - 1e-9 for other in neighbours)
+        assert found >= score(group, [0, 0, 0]) - 1e-9
+        exhaustive_hits += bool(found >= max(score(group, c) for c in itertools.product(range(3), repeat=3)) - 1e-9)
+    assert exhaustive_hits >= 1
+
+
+def test_matching_lm_never_scores_below_the_current_tokens(tiny_lm_factory):
+    """The exact check only accepts a mix that scores at least as well as keeping every row: LM
+    log-probability minus match_weight x the exact discrete matching loss, recomputed from scratch."""
+    from gradmm.matching_context import project_matching_lm
+    from gradmm.models import mean_nll
+
+    lm = tiny_lm_factory(dtype="float64")
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    ctx = _context(lm)
+    weight = 200.0
+    changed = 0
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        current = allowed.nonzero().squeeze(-1)[torch.randint(int(allowed.sum()), (4, 6), generator=generator)]
+        points = torch.randn(4, 6, lm.input_embeddings.shape[1], dtype=torch.float64, generator=generator)
+        projected = project_matching_lm(lm, points, current, allowed, ctx, topk=len(allowed), lm_topk=60,
+                                        match_weight=weight, prefix_ids=PREFIX, swaps_per_row=4)
+
+        def score(tokens):
+            logprob = -mean_nll(lm, PREFIX, tokens.tolist()).sum() * tokens.shape[1]
+            return logprob - weight * ctx.group_losses(ctx.features(lm, tokens)).sum()
+
+        assert score(projected) >= score(current) - 1e-9
+        changed += int((projected != current).sum())
+    assert changed > 0  # the check is not passed by never moving

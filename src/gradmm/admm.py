@@ -40,6 +40,8 @@ class AdmmParams:
     grad_clip: float
     # Checkpoint the round in progress every this many outer steps.
     checkpoint_every: int = 1
+    # End the round after this many outer steps in a row that lower no group's best discrete loss.
+    patience: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,8 @@ def run_round(
     latest, saved_step = state, state.next_step - 1
     try:
         for outer in range(state.next_step, admm.outer_steps + 1):
+            if admm.patience is not None and outer - 1 - max(b.best_outer_step for b in best) >= admm.patience:
+                break
             started = time.perf_counter()
             z_emb = emb[z].float()
             for _ in range(admm.inner_steps):

@@ -1,13 +1,18 @@
-"""Scoring a batch of sequences against the matching objective, and the projection that uses it.
+"""Scoring a batch of sequences against the matching objective, and the projections that use it.
 
 `MatchingContext` holds what the matching-aware steps need: the matched gradient, one objective per
-group of rows (a class's round each, optimised side by side) and the classifier prompt. matching_lm
-(`MatchingLM`, `project_matching_lm`): among the top-k by cosine that are also among the LM's `lm_topk`
-likely next tokens, or the current token, the one that maximises LM log-probability minus
-`match_weight` x the exact change of the set's discrete matching loss. The paper's projection ignores
-x on SmolLM2 (docs/method.md section 9); this one is pulled toward lower discrete loss, which is what
-the method is judged by. `exact_candidates` per row and position, pre-ranked by a first-order estimate,
-are scored exactly in one batched run.
+group of rows (a class's round each, optimised side by side) and the classifier prompt. The paper's
+projection ignores x on SmolLM2 (docs/method.md section 9); these are pulled toward lower discrete
+loss, which is what the method is judged by. Both choose among the top-k tokens by cosine to x + u that
+are also among the LM's `lm_topk` likely next tokens, or the current token, by LM log-probability minus
+`match_weight` x the change of the set's discrete matching loss:
+
+- matching_lm (`MatchingLM`, `project_matching_lm`, the default): each position's best alternative by a
+  first-order estimate, the `swaps_per_row` most promising per row checked exactly in one batched
+  pass, their combination in a second. About as much as two inner steps, at any matched gradient.
+- matching_lm_exact (`ExactMatchingLM`, `project_matching_lm_exact`): left to right, `exact_candidates`
+  per row and position checked exactly. With a deeper matched gradient every candidate runs the whole
+  network: several times the inner steps of an outer step on a CPU.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from gradmm.gradients import GradFeatures, Objective, replacement_distances
+from gradmm.gradients import GradFeatures, Objective, cat_features, replacement_distances
 from gradmm.matched import MatchedGradient
-from gradmm.models import LM
+from gradmm.models import LM, mean_nll
 from gradmm.projection import cosine_topk_mask, decode
 
 
@@ -82,11 +87,15 @@ class MatchingContext:
 
     def distance_gradient(self, lm: LM, text_tokens: torch.Tensor) -> torch.Tensor:
         """d(matching loss)/d(input embedding) at each text position: B x L x d (one backward)."""
+        return self.features_and_gradient(lm, text_tokens)[1]
+
+    def features_and_gradient(self, lm: LM, text_tokens: torch.Tensor) -> tuple[GradFeatures, torch.Tensor]:
+        """The rows' features (plain values) and d(matching loss)/d(input embedding), from one pass."""
         with torch.enable_grad():
             emb = lm.input_embeddings[text_tokens].detach().requires_grad_(True)
-            loss = self.group_losses(self.embedding_features(lm, emb)).sum()
-            (grad,) = torch.autograd.grad(loss, emb)
-        return grad
+            feats = self.embedding_features(lm, emb)
+            (grad,) = torch.autograd.grad(self.group_losses(feats).sum(), emb)
+        return GradFeatures([d.detach() for d in feats.deltas], [x.detach() for x in feats.inputs]), grad
 
 
 class _MatchingScorer:
@@ -124,7 +133,7 @@ class _MatchingScorer:
             k[rows], v[rows] = k_new[picks], v_new[picks]
 
 
-def project_matching_lm(
+def project_matching_lm_exact(
     lm: LM,
     points: torch.Tensor,
     current: torch.Tensor,
@@ -211,9 +220,11 @@ class Projector(Protocol):
 
 
 @dataclass(frozen=True)
-class MatchingLM:
+class ExactMatchingLM:
     """topk_lm's candidates that the LM also likes, scored by LM log-probability minus match_weight x the
-    exact change of the discrete matching loss (project_matching_lm)."""
+    exact change of the discrete matching loss, position by position (project_matching_lm_exact): with a
+    deeper matched gradient every candidate runs the whole network, about 3x the inner steps of an outer
+    step on a CPU (experiments/results/benchmark.md)."""
 
     topk: int = 200
     lm_topk: int = 50
@@ -221,6 +232,153 @@ class MatchingLM:
     match_weight: float = 5000.0
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
+        return project_matching_lm_exact(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,
+                                         exact_candidates=self.exact_candidates, match_weight=self.match_weight,
+                                         prefix_ids=prefix_ids)
+
+
+
+def best_row_mix(ctx: MatchingContext, options: list[GradFeatures], gains: torch.Tensor,
+                 match_weight: float) -> torch.Tensor:
+    """Which option each row takes: options[0] holds the rows as they are, options[o] an alternative for
+    every row, gains (B x O) each option's LM log-probability gain over the row as it is. Hill climbing
+    over single-row changes maximises the summed gains minus match_weight x each group's exact matching
+    loss; every mix is scored from the Gram sums of the rows' options, never by a pass through the model.
+    Returns each row's option index (B)."""
+    size = len(options[0]) // ctx.n_groups
+    pick = torch.zeros(len(options[0]), dtype=torch.long, device=gains.device)
+    for g, objective in enumerate(ctx.objectives):
+        rows = slice(g * size, (g + 1) * size)
+        mix = _RowMix(cat_features([option.select(rows) for option in options]), objective, gains[rows],
+                      match_weight)
+        pick[rows] = mix.hill_climb()
+    return pick
+
+
+class _RowMix:
+    """One group's rows, each with O options (features option-major: row i's option o is o * size + i)."""
+
+    def __init__(self, feats: GradFeatures, objective: Objective, gains: torch.Tensor, match_weight: float):
+        self.kernel, self.inners = feats.kernel(feats), objective.row_inners(feats)
+        self.objective, self.gains, self.match_weight = objective, gains, match_weight
+        self.size, self.n_options = gains.shape
+        self.index = torch.arange(self.size, device=gains.device)
+
+    def scores(self, choices: torch.Tensor) -> torch.Tensor:
+        """Each mix's summed gain minus match_weight x its exact loss (choices: M x size option indices)."""
+        picks = self.index + self.size * choices
+        pairs = self.kernel[picks[:, :, None], picks[:, None, :]].sum((1, 2))
+        loss = self.objective.from_sums(self.inners[picks].mean(1), pairs / self.size**2)
+        return self.gains.gather(1, choices.T).sum(0) - self.match_weight * loss
+
+    def hill_climb(self) -> torch.Tensor:
+        mine = torch.zeros(self.size, dtype=torch.long, device=self.gains.device)
+        current = self.scores(mine[None])[0]
+        options = torch.arange(self.n_options, device=mine.device)
+        while True:
+            # Every mix that differs from `mine` in one row.
+            moves = mine[None].repeat(self.size * self.n_options, 1)
+            moves[torch.arange(len(moves)), self.index.repeat_interleave(self.n_options)] = options.repeat(self.size)
+            scores = self.scores(moves)
+            best = int(scores.argmax())
+            if scores[best] <= current:
+                return mine
+            mine, current = moves[best], scores[best]
+
+
+@torch.no_grad()
+def sequence_logprobs(lm: LM, prefix_ids: list[int], tokens: torch.Tensor) -> torch.Tensor:
+    """B x L x V: the LM's log-probabilities at each text position, given `prefix_ids` and the tokens before."""
+    prefix = torch.tensor(prefix_ids, device=tokens.device).expand(len(tokens), -1)
+    ids = torch.cat([prefix, tokens], dim=1)
+    with lm.autocast():
+        hidden = lm.decoder(input_ids=ids[:, :-1]).last_hidden_state[:, len(prefix_ids) - 1 :]
+    return lm.next_token_logprobs(hidden)
+
+
+def project_matching_lm(
+    lm: LM,
+    points: torch.Tensor,
+    current: torch.Tensor,
+    allowed: torch.Tensor,
+    ctx: MatchingContext,
+    *,
+    topk: int,
+    lm_topk: int,
+    match_weight: float,
+    prefix_ids: list[int],
+    swaps_per_row: int,
+) -> torch.Tensor:
+    """Propose in one pass, check in two. Each position's best alternative to its current token (among
+    topk_lm's candidates that the LM also likes) is ranked by LM log-probability minus match_weight x a
+    first-order estimate of the matching loss's change, from one gradient at `current`. Each row's
+    `swaps_per_row` most promising single swaps are scored exactly in one batched pass; a row's swaps
+    that pay are combined, and that row checked exactly in a second pass. Each row then keeps its
+    tokens, takes its best single swap or the combination, whichever mix scores best (`best_row_mix`)."""
+    n_rows, length = current.shape
+    device = current.device
+    emb = lm.input_embeddings
+    row_ids = torch.arange(n_rows, device=device)
+    labels = ctx.row_labels(n_rows, device)
+    current_feats, grad = ctx.features_and_gradient(lm, current)
+    base = ctx.group_losses(current_feats)[row_ids // (n_rows // ctx.n_groups)]
+    with torch.no_grad():
+        logprobs = sequence_logprobs(lm, prefix_ids, current)  # B x L x V
+        current_lp = logprobs.gather(-1, current[..., None]).squeeze(-1)
+        candidates = cosine_topk_mask(lm, points, allowed, topk)
+        likely = torch.zeros_like(candidates).scatter_(-1, logprobs.topk(lm_topk, dim=-1).indices, True)
+        candidates = torch.where((candidates & likely).any(-1, keepdim=True), candidates & likely, candidates)
+        candidates.scatter_(-1, current[..., None], False)
+        first_order = grad.float() @ emb.float().T - (grad.float() * emb[current].float()).sum(-1, keepdim=True)
+        score = (logprobs - match_weight * first_order).masked_fill(~candidates, -float("inf"))
+        predicted, alternative = score.max(-1)  # B x L
+        predicted = predicted - current_lp
+
+        m = min(swaps_per_row, length)
+        promising, positions = predicted.topk(m, dim=-1)  # B x m
+        rows, slots = (promising > 0).nonzero(as_tuple=True)
+        if not len(rows):
+            return current
+        t = positions[rows, slots]
+        trials = current[rows].clone()
+        trials[torch.arange(len(rows), device=device), t] = alternative[rows, t]
+        trial_feats = ctx.matched.features(lm, labels[rows], input_ids=ctx.with_prompt(trials))
+        gain = logprobs[rows, t, alternative[rows, t]] - current_lp[rows, t]
+        exact = gain - match_weight * (ctx.replacement_losses(current_feats, trial_feats, rows) - base[rows])
+
+        # Per row: its best single swap, and all its swaps that pay combined.
+        best_single = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        best_exact = torch.full((n_rows,), -float("inf"), device=device, dtype=exact.dtype)
+        for j in range(len(rows)):
+            if exact[j] > best_exact[rows[j]]:
+                best_exact[rows[j]], best_single[rows[j]] = exact[j], j
+        paying = exact > 0
+        combined = current.clone()
+        combined[rows[paying], t[paying]] = alternative[rows[paying], t[paying]]
+        has_single = best_single >= 0
+        single = current.clone()
+        single[has_single] = trials[best_single[has_single]]
+        single_feats = current_feats.select(row_ids)
+        single_feats.assign(row_ids[has_single], trial_feats, best_single[has_single])
+        combined_feats = ctx.matched.features(lm, labels, input_ids=ctx.with_prompt(combined))
+        options = torch.stack([current, single, combined], dim=1)  # B x 3 x L
+        lp = -mean_nll(lm, prefix_ids, options.flatten(0, 1).tolist()).to(device).view(n_rows, 3) * length
+    pick = best_row_mix(ctx, [current_feats, single_feats, combined_feats], lp - lp[:, :1], match_weight)
+    return options[row_ids, pick]
+
+
+@dataclass(frozen=True)
+class MatchingLM:
+    """topk_lm's candidates that the LM also likes, ranked by a first-order estimate of the matching
+    loss; the most promising single swaps per row checked exactly in one batched pass, their combination
+    in another (project_matching_lm)."""
+
+    topk: int = 200
+    lm_topk: int = 50
+    match_weight: float = 5000.0
+    swaps_per_row: int = 8
+
+    def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
         return project_matching_lm(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,
-                                   exact_candidates=self.exact_candidates, match_weight=self.match_weight,
-                                   prefix_ids=prefix_ids)
+                                   match_weight=self.match_weight, prefix_ids=prefix_ids,
+                                   swaps_per_row=self.swaps_per_row)

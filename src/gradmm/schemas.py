@@ -72,10 +72,13 @@ class ModelConfig:
 @dataclass
 class AdmmConfig:
     rho: float = 0.5
-    outer_steps: int = 10
+    outer_steps: int = 2
     inner_steps: int = 10
     lr: float = 0.008
     grad_clip: float = 1.0
+    # End a round after this many outer steps in a row that lower no group's best discrete matching
+    # loss (null: run every outer step).
+    patience: Optional[int] = 1
 
 
 @dataclass
@@ -85,12 +88,13 @@ class ProjectorConfig:
     _target_: str = "gradmm.matching_context.MatchingLM"
     name: str = "matching_lm"
     topk: int = 200
-    # matching_lm: how many of the LM's most likely next tokens may be chosen, how many of those are
-    # scored exactly by the matching loss per row and position, and how many nats one unit of
-    # matching-loss decrease is worth.
+    # matching_lm(_exact): how many of the LM's most likely next tokens may be chosen, and how many nats
+    # one unit of matching-loss decrease is worth; matching_lm: how many single-token swaps per row are
+    # checked exactly; matching_lm_exact: how many candidates per row and position are.
     lm_topk: int = 50
-    exact_candidates: int = 4
     match_weight: float = 5000.0
+    swaps_per_row: int = 8
+    exact_candidates: int = 4
 
 
 @dataclass
@@ -104,7 +108,7 @@ class GenerationConfig:
     init_temperature: float = 1.0
     # Draw this many initial sequences (null: batch_size) in one batched decode and start from the
     # batch_size whose mean gradient best matches the target: a better start for the same ADMM budget.
-    init_candidates: Optional[int] = None
+    init_candidates: Optional[int] = 64
     # Optimise this many rounds (of any classes) side by side in one batch of rounds_per_batch x
     # batch_size sequences: the same results (up to float rounding) in fewer, larger model calls, which
     # an accelerator runs in about the time of one. A NaN restarts every round of its batch.

@@ -130,7 +130,7 @@ def validate(cfg: DictConfig, tokenizer=None) -> None:
     for key in ("generation.n_real", "generation.rounds", "generation.rounds_per_batch", "generation.batch_size",
                 "generation.seq_len",
                 "generation.init_temperature", "generation.checkpoint_every", "projector.topk", "projector.lm_topk",
-                "projector.exact_candidates", "task.max_text_tokens"):
+                "projector.exact_candidates", "projector.swaps_per_row", "task.max_text_tokens"):
         _positive(problems, key, OmegaConf.select(cfg, key))
     privacy = cfg.privacy
     _choice(problems, "privacy.name", privacy.name, PRIVACY)
@@ -186,6 +186,8 @@ def validate(cfg: DictConfig, tokenizer=None) -> None:
         problems.append("evaluate.seeds must name at least one training seed.")
     if not isinstance(gen.max_restarts, int) or gen.max_restarts < 0:
         problems.append(f"generation.max_restarts={gen.max_restarts!r} must be >= 0.")
+    if cfg.admm.patience is not None:
+        _positive(problems, "admm.patience", cfg.admm.patience)
     if proj.match_weight < 0:
         problems.append(f"projector.match_weight={proj.match_weight!r} must be >= 0.")
 
