@@ -8,8 +8,11 @@ Any argument of the form key=value is a Hydra override of the job config (conf/c
 size and length it times the inner ADMM step against one plain forward+backward to the input embeddings
 (its floor), and the projections against one forward of the batch and against L single-token steps of
 the batch through the KV cache (the floor of any left-to-right decode): topk_lm (KV-cached decode),
-topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default)
-and, where affordable, matching_lm scoring every candidate with a full forward. It also estimates the
+topk_lm re-running the whole prefix per position (the reference code's way), matching_lm (the default:
+first-order proposals checked exactly in two batched passes) and matching_lm_exact (every candidate checked
+exactly, position by position; where affordable also by a full forward each) on the same points and
+current tokens, with the discrete matching loss and log-perplexity each reaches. It times one whole outer
+step of the default projector against its own inner steps (the outer step's overhead). It also estimates the
 default job's generation seconds per synthetic example from its first outer steps, and the seconds per
 round of an outer step with several rounds in one batch (generation.rounds_per_batch), and, when the job
 runs in anything but plain float32 (model.dtype, model.autocast, model.compile), how far its gradient
@@ -41,8 +44,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
 from gradmm.generate import class_objective, compute_targets, matched_gradient, round_settings
-from gradmm.matching_context import MatchingContext, project_matching_lm
-from gradmm.models import LM, load_lm
+from gradmm.matching_context import MatchingContext, project_matching_lm, project_matching_lm_exact
+from gradmm.models import LM, load_lm, mean_nll
 from gradmm.pipeline import prepare
 from gradmm.projection import allowed_vocabulary, decode, project_topk_lm
 from gradmm.schemas import register_configs
@@ -50,13 +53,13 @@ from gradmm.tracking import Tracker
 from gradmm.validation import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 128,
+FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 0,
         "e2e_outer_steps": 1, "rounds_per_batch": (1, 4), "overrides": []}
 SMOKE = {"batch_sizes": (2, 4), "seq_lens": (4, 8), "repeats": 1, "plain_matching_max_tokens": 10**9,
          "e2e_outer_steps": 1, "rounds_per_batch": (1, 2),
          "overrides": ["model=tiny", "tracker=disabled", "generation.n_real=8", "admm.inner_steps=2",
                        "admm.outer_steps=2", "projector.topk=20", "projector.lm_topk=20",
-                       "projector.exact_candidates=2"]}
+                       "projector.exact_candidates=2", "projector.swaps_per_row=2"]}
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -159,8 +162,7 @@ def bench_shape(
     decode_steps_s = timed(decode_steps, device, repeats)
 
     points = x.detach() + u
-    matching = dict(topk=proj.topk, lm_topk=proj.lm_topk, exact_candidates=proj.exact_candidates,
-                    match_weight=proj.match_weight, prefix_ids=prefix_ids)
+    matching = dict(topk=proj.topk, lm_topk=proj.lm_topk, match_weight=proj.match_weight, prefix_ids=prefix_ids)
     # Projections are the slow part: timed once each, after the model is warm.
     results = {}
 
@@ -175,17 +177,21 @@ def bench_shape(
     naive_s = run_projection(
         "naive", lambda: project_topk_lm(lm, points, allowed, proj.topk, prefix_ids, reuse_cache=False)
     )
-    matching_s = run_projection(
-        "matching_lm", lambda: project_matching_lm(lm, points, z, allowed, ctx, **matching)
-    )
+    matching_s = run_projection("matching_lm", lambda: project_matching_lm(
+        lm, points, z, allowed, ctx, swaps_per_row=proj.swaps_per_row, **matching))
+    exact_s = run_projection("matching_lm_exact", lambda: project_matching_lm_exact(
+        lm, points, z, allowed, ctx, exact_candidates=proj.exact_candidates, **matching))
     plain_s = same_tokens = None
     if batch_size * seq_len <= mode["plain_matching_max_tokens"]:
-        plain_s = run_projection(
-            "plain", lambda: project_matching_lm(lm, points, z, allowed, ctx, incremental=False, **matching)
-        )
-        same_tokens = bool(torch.equal(results["plain"], results["matching_lm"]))
+        plain_s = run_projection("plain", lambda: project_matching_lm_exact(
+            lm, points, z, allowed, ctx, exact_candidates=proj.exact_candidates, incremental=False, **matching))
+        same_tokens = bool(torch.equal(results["plain"], results["matching_lm_exact"]))
     with torch.no_grad():
-        distance = ctx.group_losses(ctx.features(lm, results["matching_lm"])).item()
+        quality = {name: (ctx.group_losses(ctx.features(lm, tokens)).item(),
+                          mean_nll(lm, prefix_ids, tokens.tolist()).mean().item())
+                   for name, tokens in [("current", z), ("matching_lm", results["matching_lm"]),
+                                        ("matching_lm_exact", results["matching_lm_exact"])]}
+    outer = outer_step(lm, shape_cfg, ctx, allowed, prefix_ids)
     return {
         "kind": "shape",
         "model": cfg.model.name,
@@ -202,6 +208,13 @@ def bench_shape(
         "projector": "matching_lm",
         "projection_s": matching_s,
         "projection_over_forward": matching_s / forward_s,
+        "projection_over_inner_step": matching_s / inner_s,
+        "exact_projection_s": exact_s,
+        "exact_projection_over_forward": exact_s / forward_s,
+        "exact_over_matching_lm": exact_s / matching_s,
+        **{f"{name}_grad_distance": d for name, (d, _) in quality.items()},
+        **{f"{name}_log_ppl": ppl for name, (_, ppl) in quality.items()},
+        **outer,
         "topk_lm_projection_s": topk_s,
         "topk_lm_over_forward": topk_s / forward_s,
         "decode_steps_s": decode_steps_s,
@@ -212,9 +225,20 @@ def bench_shape(
         "naive_same_tokens": bool(torch.equal(results["naive"], results["topk_lm"])),
         "matching_plain_projection_s": plain_s,
         "matching_plain_same_tokens": same_tokens,
-        "matching_grad_distance_z": distance,
         "peak_mem_mb": peak_memory_mb(device),
     }
+
+
+def outer_step(lm: LM, cfg: DictConfig, ctx: MatchingContext, allowed, prefix_ids) -> dict:
+    """One whole outer step of the job's ADMM and projector from a fresh start: its seconds against the
+    seconds of its own `admm.inner_steps` inner steps (what an outer step adds to them)."""
+    admm, init, projector = round_settings(with_outer_steps(cfg, 1))
+    state = start_round(lm, admm, init, ctx, allowed, prefix_ids, [torch.Generator().manual_seed(1)])
+    run_round(lm, admm, projector, ctx, allowed, prefix_ids, state)
+    step = state.records[-1]
+    return {"outer_step_s": step["seconds"], "outer_inner_steps_s": step["inner_seconds"],
+            "outer_projection_s": step["projection_seconds"], "inner_steps": admm.inner_steps,
+            "outer_step_over_inner_steps": step["seconds"] / step["inner_seconds"]}
 
 
 def with_outer_steps(cfg: DictConfig, outer_steps: int) -> DictConfig:
@@ -222,6 +246,7 @@ def with_outer_steps(cfg: DictConfig, outer_steps: int) -> DictConfig:
     short = cfg.copy()
     with open_dict(short):
         short.admm.outer_steps = outer_steps
+        short.admm.patience = None  # every outer step is timed
         short.generation.checkpoint_every = outer_steps + 1
     return short
 
@@ -378,6 +403,15 @@ def print_table(records: list[dict]) -> None:
               f"{r['naive_projection_over_forward']:>7.1f}{r['projection_s']:>10.3f}"
               f"{r['projection_over_forward']:>7.1f}{num(r['matching_plain_projection_s'], '9.3f'):>9}"
               f"{r['peak_mem_mb']:>9.0f}")
+    for r in (r for r in records if r["kind"] == "shape"):
+        print(f"B={r['batch_size']} L={r['seq_len']}: one outer step {r['outer_step_s']:.2f} s = "
+              f"{r['outer_step_over_inner_steps']:.2f}x its {r['inner_steps']} inner steps "
+              f"({r['outer_inner_steps_s']:.2f} s); "
+              f"matching_lm {r['projection_s']:.2f} s ({r['projection_over_inner_step']:.1f} inner steps), "
+              f"matching_lm_exact {r['exact_projection_s']:.2f} s ({r['exact_over_matching_lm']:.1f}x); "
+              f"grad distance / log-ppl: current {r['current_grad_distance']:.4f} / {r['current_log_ppl']:.2f}, "
+              f"matching_lm {r['matching_lm_grad_distance']:.4f} / {r['matching_lm_log_ppl']:.2f}, "
+              f"matching_lm_exact {r['matching_lm_exact_grad_distance']:.4f} / {r['matching_lm_exact_log_ppl']:.2f}")
     for r in (r for r in records if r["kind"] == "end_to_end"):
         print(f"end to end ({r['model']}, {r['device']}, B={r['batch_size']}, L={r['seq_len']}, "
               f"{r['outer_steps']}x{r['inner_steps']} steps, {r['projector']}): "

@@ -9,7 +9,8 @@ from test_wandb import OfflineRun, offline_wandb  # noqa: F401 - a fixture
 REQUIRED = {
     "model", "device", "batch_size", "seq_len", "inner_step_s", "fwd_bwd_s", "inner_step_over_fwd_bwd",
     "projection_s", "forward_s", "projection_over_forward", "naive_projection_s", "decode_steps_s", "peak_mem_mb",
-    "machine",
+    "exact_projection_s", "outer_step_s", "outer_step_over_inner_steps", "matching_lm_grad_distance",
+    "matching_lm_exact_grad_distance", "current_grad_distance", "machine",
 }
 
 
@@ -27,6 +28,8 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
         assert r["matched"] == "7 linear layers (0.00922M weights)" and r["inner_step_s"] > 0
         assert r["naive_same_tokens"] and r["matching_plain_same_tokens"]
         assert r["machine"]["torch"] and r["machine"]["transformers"]
+        # An outer step is its inner steps plus a projection and the step's figures.
+        assert r["outer_step_s"] > r["outer_inner_steps_s"] > 0
     assert not [r for r in records if r["kind"] == "precision"]  # plain float32: nothing to compare
     (e2e,) = [r for r in records if r["kind"] == "end_to_end"]
     assert e2e["s_per_synthetic_example"] > 0 and e2e["n_synthetic"] == 2 * e2e["batch_size"]
@@ -34,6 +37,7 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     assert [r["rounds_per_batch"] for r in batching] == [1, 2]
     table = capsys.readouterr().out
     assert "s per synthetic example" in table and "rounds_per_batch=2" in table and str(out) in table
+    assert "x its 2 inner steps" in table
 
 
 def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_path, capsys):

@@ -221,6 +221,9 @@ def run_round(
                 loss = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
                 if not torch.isfinite(loss):
                     raise NumericalFault(f"matching loss became {loss.item()} at outer step {outer}")
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            inner_s = time.perf_counter() - started
             with torch.no_grad():
                 if not torch.isfinite(x).all():
                     raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
@@ -250,6 +253,7 @@ def run_round(
                     "log_ppl_z": log_ppl_z[g],
                     "primal_residual": primal_residual[g],
                     "seconds": seconds,
+                    "inner_seconds": inner_s,
                     "projection_seconds": projection_s,
                 })
             state.records.extend(records)
