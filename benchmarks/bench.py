@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="instead of the mode's")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="instead of the mode's")
+    parser.add_argument("--rounds-per-batch", type=int, nargs="*", help="instead of the mode's (none: skip)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the job config")
     args = parser.parse_args(argv)
     mode = SMOKE if args.smoke else FULL
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seq_len in args.seq_lens or mode["seq_lens"]:
             records.append(bench_shape(lm, cfg, ctx, allowed, setup.prefix_ids, batch_size, seq_len, mode))
             print(f"  measured B={batch_size} L={seq_len}", file=sys.stderr, flush=True)
-    for rounds_per_batch in mode["rounds_per_batch"]:
+    for rounds_per_batch in mode["rounds_per_batch"] if args.rounds_per_batch is None else args.rounds_per_batch:
         records.append(bench_batching(lm, cfg, setup, head, targets, allowed, rounds_per_batch))
         print(f"  measured rounds_per_batch={rounds_per_batch}", file=sys.stderr, flush=True)
     precision = bench_precision(lm, cfg, setup, head, targets, allowed)

@@ -362,8 +362,10 @@ def project_matching_lm(
         single_feats.assign(row_ids[has_single], trial_feats, best_single[has_single])
         combined_feats = ctx.matched.features(lm, labels, input_ids=ctx.with_prompt(combined))
         options = torch.stack([current, single, combined], dim=1)  # B x 3 x L
-        lp = -mean_nll(lm, prefix_ids, options.flatten(0, 1).tolist()).to(device).view(n_rows, 3) * length
-    pick = best_row_mix(ctx, [current_feats, single_feats, combined_feats], lp - lp[:, :1], match_weight)
+        changed_lp = -mean_nll(lm, prefix_ids, options[:, 1:].flatten(0, 1).tolist()).to(device) * length
+        gains = torch.cat([torch.zeros(n_rows, 1, device=device),
+                           changed_lp.view(n_rows, 2) - current_lp.sum(-1, keepdim=True)], dim=1)
+    pick = best_row_mix(ctx, [current_feats, single_feats, combined_feats], gains, match_weight)
     return options[row_ids, pick]
 
 
@@ -376,7 +378,7 @@ class MatchingLM:
     topk: int = 200
     lm_topk: int = 50
     match_weight: float = 5000.0
-    swaps_per_row: int = 8
+    swaps_per_row: int = 4
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
         return project_matching_lm(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,

@@ -93,7 +93,7 @@ class ProjectorConfig:
     # checked exactly; matching_lm_exact: how many candidates per row and position are.
     lm_topk: int = 50
     match_weight: float = 5000.0
-    swaps_per_row: int = 8
+    swaps_per_row: int = 4
     exact_candidates: int = 4
 
 
