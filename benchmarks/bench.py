@@ -44,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from gradmm import artifacts
 from gradmm.admm import inner_step, run_round, start_round
 from gradmm.generate import class_objective, compute_targets, matched_gradient, round_settings
-from gradmm.matching_context import MatchingContext, project_matching_lm, project_matching_lm_exact
+from gradmm.matching_context import MatchingContext
+from gradmm.matching_projection import project_matching_lm, project_matching_lm_exact
 from gradmm.models import LM, load_lm, mean_nll
 from gradmm.pipeline import prepare
 from gradmm.projection import allowed_vocabulary, decode, project_topk_lm

@@ -209,22 +209,27 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_path, monkeypatch):
     reproduce = load_script("experiments/reproduce_cpu.py")
-    kept = [o for o in (*TINY, *EVAL) if not o.startswith(("stages=", "evaluate.seeds=", "evaluate.lrs="))]
+    # The preset's selection (init_candidates) stays: the admm and selection rows differ only by the ADMM steps.
+    kept = [o for o in (*TINY, *EVAL)
+            if not o.startswith(("stages=", "evaluate.seeds=", "evaluate.lrs=", "generation.init_candidates="))]
     small = [*kept, "evaluate.seeds=[0]", "evaluate.lrs=[1e-3]", "generation.rounds=2",
              "filter.n_per_class=3", "filter.classifier=none", f"paths.output_root={tmp_path}"]
     with pytest.raises(SystemExit):  # a reduced protocol may not pass for the full one
         reproduce.main(small)
     args = ["--name", "tiny", "--results-dir", str(tmp_path / "results"), *small]
     results = reproduce.main(args)
-    assert set(results) == {"synthetic", "synthetic_filtered", "lm_samples", "lm_samples_filtered", "real_seen",
-                            "real_random_100", "real_random_1000", "zero_shot", "few_shot"}
-    # The preset selects 8 of 64 LM samples by the tiny model's block 1, then TINY's 2 ADMM steps.
-    assert results["synthetic"]["matched"] == (r"parameters: model\.layers\.1\..+ (label_words); "
-                                               "best 4 of 64 LM samples, ADMM 2x2")
+    assert set(results) == {"admm", "admm_filtered", "selection", "selection_filtered", "lm_samples",
+                            "lm_samples_filtered", "real_seen", "real_random_100", "real_random_1000", "zero_shot",
+                            "few_shot"}
+    # The preset selects 4 of 64 LM samples by the tiny model's block 1, then TINY's 2 ADMM steps; the
+    # selection row takes no ADMM step.
+    block = r"parameters: model\.layers\.1\..+ (label_words); "
+    assert results["admm"]["matched"] == block + "best 4 of 64 LM samples, ADMM 2x2 (rho 0.5, matching_lm)"
+    assert results["selection"]["matched"] == block + "best 4 of 64 LM samples"
     assert results["lm_samples"]["matched"] == "none (LM samples)" and results["real_seen"]["matched"] == "-"
     assert all(r["code_version"] for r in results.values())
     assert all(0 <= r["mean"] <= 1 and r["std"] >= 0 for r in results.values())
-    assert results["synthetic_filtered"]["n_train"] <= 6 and results["real_seen"]["n_train"] == 8
+    assert results["admm_filtered"]["n_train"] <= 6 and results["real_seen"]["n_train"] == 8
     assert results["real_random_1000"]["n_train"] == 1000 and results["zero_shot"]["n_train"] == 0
     assert json.loads((tmp_path / "results" / "tiny.json").read_text()) == results
     assert "NOT the full protocol" in (tmp_path / "results" / "tiny.md").read_text()
@@ -243,21 +248,21 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
     def figures(row):
         return {k: v for k, v in row.items() if k != "measured"}
 
-    assert figures(again["synthetic"]) == figures(results["synthetic"])
+    assert figures(again["admm"]) == figures(results["admm"])
     # A row is dated by the run that trained its models, not by the call that collected it.
-    assert again["synthetic"]["measured"] == results["synthetic"]["measured"]
-    assert again["synthetic"]["generated_by"]["code_version"] == again["synthetic"]["code_version"]
+    assert again["admm"]["measured"] == results["admm"]["measured"]
+    assert again["admm"]["generated_by"]["code_version"] == again["admm"]["code_version"]
     assert "generated_by" not in again["real_seen"]
 
     # --only re-measures the named sets and keeps every other row of the results file.
     with pytest.raises(SystemExit):
-        reproduce.main(["--only", "synthetic,real_everything", *args])
+        reproduce.main(["--only", "admm,real_everything", *args])
     results_file = tmp_path / "results" / "tiny.json"
     edited = {**again, "real_seen": {**again["real_seen"], "mean": 0.123},
-              "synthetic": {**again["synthetic"], "mean": 2}}
+              "admm": {**again["admm"], "mean": 2}}
     results_file.write_text(json.dumps(edited))
-    only = reproduce.main(["--only", "synthetic", *args])
+    only = reproduce.main(["--only", "admm", *args])
     assert only["real_seen"]["mean"] == 0.123, "a row not named is kept from the file"
-    assert figures(only["synthetic"]) == figures(again["synthetic"]), "a named row is measured again (resumed)"
+    assert figures(only["admm"]) == figures(again["admm"]), "a named row is measured again (resumed)"
     assert json.loads(results_file.read_text()) == only
 

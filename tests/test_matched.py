@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gradmm.gradients import Objective, OutputLayer, mean_gradient, replacement_distances, set_distance, vdot
 from gradmm.matched import ParameterGradient, build_matched_gradient, lora_projections, select_linear_modules
-from gradmm.matching_context import MatchingContext, project_matching_lm_exact
+from gradmm.matching_context import MatchingContext
+from gradmm.matching_projection import project_matching_lm_exact
 from gradmm.models import LM
 from gradmm.projection import allowed_vocabulary
 

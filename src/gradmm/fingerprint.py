@@ -58,8 +58,9 @@ def data_fingerprint(cfg: DictConfig) -> dict:
 def private_examples_id(cfg: DictConfig) -> str:
     """Identifies the generator's real examples (the DP-protected ones) without revealing them: the
     training data and everything that picks the sample from it, keyed as above."""
-    what = {"train": split_sha256(cfg, cfg.task.train_split), "split": cfg.task.train_split, "n_real": cfg.generation.n_real,
-            "seed": cfg.seed, "source_labels": _list(cfg.task.source_labels), "classes": len(cfg.task.label_names)}
+    what = {"train": split_sha256(cfg, cfg.task.train_split), "split": cfg.task.train_split,
+            "n_real": cfg.generation.n_real, "seed": cfg.seed,
+            "source_labels": _list(cfg.task.source_labels), "classes": len(cfg.task.label_names)}
     return _keyed(cfg, json.dumps(what, sort_keys=True))
 
 

@@ -6,8 +6,8 @@ each row's next token from the final hidden state.
 
 - nearest: the allowed token with the highest cosine to the embedding; ignores the LM.
 - topk_lm (the paper's): among the top-k allowed tokens by cosine, the one the LM likes best.
-- matching_lm (gradmm.matching_context): also scores each candidate by the exact change of the set's
-  discrete matching loss.
+- matching_lm and matching_lm_exact (gradmm.matching_projection): also score candidates by the change
+  of the set's discrete matching loss.
 """
 
 from __future__ import annotations

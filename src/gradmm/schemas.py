@@ -83,9 +83,9 @@ class AdmmConfig:
 
 @dataclass
 class ProjectorConfig:
-    # The class that projects (gradmm.projection, gradmm.matching_context), built with the settings below
+    # The class that projects (gradmm.projection, gradmm.matching_projection), built with the settings below
     # that it declares.
-    _target_: str = "gradmm.matching_context.MatchingLM"
+    _target_: str = "gradmm.matching_projection.MatchingLM"
     name: str = "matching_lm"
     topk: int = 200
     # matching_lm(_exact): how many of the LM's most likely next tokens may be chosen, and how many nats
