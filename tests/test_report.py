@@ -57,12 +57,24 @@ def test_report_lists_every_run_with_what_differs_and_the_plots(sweep, tmp_path)
     assert ".hydra" not in page
     jobs = [report.load_job(job, 3) for job in sweep]
     assert report.differing_keys(jobs) == ["admm.rho"]
-    # Two per-step panels in one figure, one figure of final figures against admm.rho.
-    assert page.count("<svg") == 2
+    # Two per-step panels in one figure, accuracy against loss and seconds in one, one figure of final
+    # figures against admm.rho.
+    assert page.count("<svg") == 3
+    assert "Accuracy against matching loss and generation time" in page
     assert "<h3>admm.rho</h3>" in page
     # Each run's final figures are in the table.
     for rho in RHOS:
         assert f"{0.1 / rho:.4f}" in page and f"{0.5 + rho / 4:.4f}" in page
+
+
+def test_tradeoff_points_are_each_finished_jobs_accuracy_against_its_loss_and_seconds(tmp_path):
+    jobs = [_job(tmp_path, rho) for rho in RHOS] + [_job(tmp_path, 7.0, finished=False)]
+    loaded = [report.load_job(job, 3) for job in jobs]
+    for job in loaded:
+        job.label = job.path.name
+    by_loss = report.tradeoff_points(loaded, "grad_distance_set")
+    assert sorted(by_loss) == sorted((f"job-rho{rho}", 0.1 / rho, 0.5 + rho / 4, None) for rho in RHOS)
+    assert [x for _, x, _, _ in report.tradeoff_points(loaded, "seconds")] == [12.0] * len(RHOS)
 
 
 def test_report_is_self_contained(sweep, tmp_path):

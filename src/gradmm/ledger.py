@@ -48,7 +48,7 @@ SECRET_FILE = "privacy_ledger.secret"
 # relation: adding or removing one example moves one class's sum by at most C; replacing one example
 # moves one sum by up to 2C (same class) or two sums by C each (sqrt(2) C < 2C).
 SENSITIVITY = {"add_remove": 1, "replace_one": 2}
-MECHANISM = "gaussian: per-class sums of clipped last-layer gradients plus N(0, noise_std^2 I)"
+MECHANISM = "gaussian: per-class sums of clipped matched gradients (conf/matching) plus N(0, noise_std^2 I)"
 
 
 class LedgerError(RuntimeError):

@@ -10,9 +10,10 @@ split and the evaluation split are the benchmark harness, outside D.
 
 The mechanism. Class k's target is released as
     T_k = (sum_{b in D, class k} clip_C(g_b) + N(0, (sigma * Delta)^2 I)) / n_k,
-where g_b = a_b h_b^T is example b's closed-form last-layer gradient, clip_C rescales it to Frobenius
-norm at most C (its norm is ||a_b|| * ||h_b||, so clipping rescales feature rows: no per-example pass
-through the model), and n_k is the public quota, so dividing by it is post-processing.
+where g_b is example b's gradient of the matched parameter group (conf/matching: a block's linear layers
+by default, or the output layer), held in Gram form (gradmm.gradients.GradFeatures), clip_C rescales it
+to Frobenius norm at most C (the norm comes from the Gram sums, so clipping rescales feature rows: no
+per-example pass through the model), and n_k is the public quota, so dividing by it is post-processing.
 
 Neighbouring relation and sensitivity. The per-class counts n_k are public and fixed, so the natural
 relation is `replace_one` (the default): D and D' differ in one example, swapped for any other; that

@@ -7,8 +7,9 @@
 A job directory is one holding the config.yaml that run_job writes (Hydra's own copy under .hydra/ is
 not one). The page needs no network and no W&B account: plots are inline SVG drawn by matplotlib.
 It shows the config keys that differ between the runs, their final figures (summary.json), the
-gradient distance per outer step (metrics.jsonl), the final figures against each differing key, and
-a few synthetic texts per run. Unfinished and failed jobs (error.json, from gradmm.sweeps) are listed
+gradient distance per outer step (metrics.jsonl), accuracy against the matching loss and the generation
+seconds (what a budget sweep buys), the final figures against each differing key, and a few synthetic
+texts per run. Unfinished and failed jobs (error.json, from gradmm.sweeps) are listed
 with what they have.
 """
 
@@ -113,6 +114,38 @@ def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
     return _svg(fig)
 
 
+# What a budget buys: accuracy against what the generation reached and what it cost (summary.json keys).
+TRADEOFF_AXES = (("grad_distance_set", "matching loss of the set (grad distance)"),
+                 ("seconds", "generation seconds (wall clock)"))
+
+
+def tradeoff_points(jobs: list[Job], key: str) -> list[tuple[str, float, float, float | None]]:
+    """(label, summary[key], accuracy, accuracy_std) of each finished job that has both figures."""
+    points = []
+    for job in jobs:
+        s = job.summary
+        if job.status == "done" and numeric([s.get(key), s.get("accuracy")]):
+            std = s.get("accuracy_std")
+            points.append((job.label, s[key], s["accuracy"], std if numeric([std]) else None))
+    return points
+
+
+def tradeoff_plot(jobs: list[Job]) -> str | None:
+    """Accuracy (+- its std over training seeds) against the matching loss and against the generation's
+    seconds, one labelled point per finished job: the figure a budget sweep is read from."""
+    panels = [(title, points) for key, title in TRADEOFF_AXES if len(points := tradeoff_points(jobs, key)) >= 2]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5.2 * len(panels), 4.0))
+    for ax, (title, points) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for label, x, accuracy, std in points:
+            ax.errorbar(x, accuracy, yerr=std, marker="o", capsize=3)
+            ax.annotate(label, (x, accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=title, ylabel="accuracy (mean +- std over seeds)")
+        ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -155,6 +188,9 @@ def build_html(jobs: list[Job], title: str) -> str:
     plot = curves_plot(jobs)
     if plot:
         parts += ["<h2>Per outer step</h2>", plot]
+    tradeoff = tradeoff_plot(jobs)
+    if tradeoff:
+        parts += ["<h2>Accuracy against matching loss and generation time</h2>", tradeoff]
     key_plots = [(key, key_plot(jobs, key, alone=len(keys) == 1)) for key in keys]
     if any(svg for _, svg in key_plots):
         parts.append("<h2>Final figures against each differing key</h2>")
