@@ -179,7 +179,7 @@ def bench_shape(
         "naive", lambda: project_topk_lm(lm, points, allowed, proj.topk, prefix_ids, reuse_cache=False)
     )
     matching_s = run_projection("matching_lm", lambda: project_matching_lm(
-        lm, points, z, allowed, ctx, swaps_per_row=proj.swaps_per_row, **matching))
+        lm, points, z, allowed, ctx, swaps_per_row=proj.swaps_per_row, **matching).tokens)
     exact_s = run_projection("matching_lm_exact", lambda: project_matching_lm_exact(
         lm, points, z, allowed, ctx, exact_candidates=proj.exact_candidates, **matching))
     plain_s = same_tokens = None

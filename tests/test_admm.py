@@ -19,7 +19,7 @@ from gradmm.admm import (
 from gradmm.generate import round_settings
 from gradmm.gradients import GradFeatures, Objective, OutputLayer, mean_gradient, set_distance
 from gradmm.matched import OutputLayerGradient
-from gradmm.matching_context import MatchingContext
+from gradmm.matching_context import MatchingContext, Projected
 from gradmm.pipeline import run_job
 from gradmm.projection import Nearest, allowed_vocabulary, random_allowed_tokens, sample_sequences
 
@@ -92,7 +92,7 @@ def test_rho_weighs_the_penalty_in_the_inner_loss(tiny_lm_factory):
     losses = {}
     for rho in (0.0, 3.0):
         x = x0.clone().requires_grad_(True)
-        losses[rho] = inner_step(lm, ctx, x, z_emb, u, torch.optim.Adam([x], lr=0.01), _params(rho=rho)).item()
+        losses[rho] = inner_step(lm, ctx, x, z_emb, u, torch.optim.Adam([x], lr=0.01), _params(rho=rho))[0].item()
     penalty = (x0 - z_emb + u).pow(2).sum(-1).mean().item()
     assert losses[3.0] - losses[0.0] == pytest.approx(3.0 / 2 * penalty, rel=1e-9)
 
@@ -122,7 +122,7 @@ class _RandomProjector:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
-        return random_allowed_tokens(allowed, *current.shape, self.generator)
+        return Projected(random_allowed_tokens(allowed, *current.shape, self.generator))
 
 
 def test_the_best_iterate_is_kept_not_the_last(tiny_lm_factory):
@@ -149,7 +149,7 @@ def test_patience_ends_a_round_after_outer_steps_that_find_nothing_better(tiny_l
     ctx = _context(lm)
 
     def keep(lm, points, current, allowed, ctx, prefix_ids):
-        return current
+        return Projected(current)
 
     patient, _, kept = _round(lm, ctx, _params(outer_steps=4, patience=1), keep)
     full, _, all_steps = _round(lm, ctx, _params(outer_steps=4), keep)

@@ -174,8 +174,13 @@ def test_matching_lm_never_scores_below_the_current_tokens(tiny_lm_factory):
         generator = torch.Generator().manual_seed(seed)
         current = allowed.nonzero().squeeze(-1)[torch.randint(int(allowed.sum()), (4, 6), generator=generator)]
         points = torch.randn(4, 6, lm.input_embeddings.shape[1], dtype=torch.float64, generator=generator)
-        projected = project_matching_lm(lm, points, current, allowed, ctx, topk=len(allowed), lm_topk=60,
-                                        match_weight=weight, prefix_ids=PREFIX, swaps_per_row=4)
+        result = project_matching_lm(lm, points, current, allowed, ctx, topk=len(allowed), lm_topk=60,
+                                     match_weight=weight, prefix_ids=PREFIX, swaps_per_row=4)
+        projected = result.tokens
+        # What it measured on the way is what the ADMM loop records for z: it must be z's own.
+        assert torch.allclose(ctx.group_losses(result.features), ctx.group_losses(ctx.features(lm, projected)),
+                              rtol=1e-9, atol=1e-12)
+        assert torch.allclose(result.nll, mean_nll(lm, PREFIX, projected.tolist()), rtol=1e-9, atol=1e-12)
 
         def score(tokens):
             logprob = -mean_nll(lm, PREFIX, tokens.tolist()).sum() * tokens.shape[1]

@@ -105,10 +105,11 @@ def matching_loss_continuous(lm: LM, ctx: MatchingContext, x: torch.Tensor) -> t
     return ctx.group_losses(ctx.embedding_features(lm, x))
 
 
-def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: AdmmParams) -> torch.Tensor:
+def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer,
+               admm: AdmmParams) -> tuple[torch.Tensor, torch.Tensor]:
     """One x-step: a forward and a backward to x (the weights need no gradient), then Adam with each
-    group's gradient clipped on its own. Returns the summed loss; a non-finite one leaves x and the
-    optimizer untouched for the caller to stop."""
+    group's gradient clipped on its own. Returns the summed loss and each group's matching loss, both
+    at x before the step; a non-finite loss leaves x and the optimizer untouched for the caller to stop."""
     optimizer.zero_grad(set_to_none=True)
     groups = ctx.n_groups
     match = matching_loss_continuous(lm, ctx, x)
@@ -120,7 +121,7 @@ def inner_step(lm: LM, ctx: MatchingContext, x, z_emb, u, optimizer, admm: AdmmP
         # torch.nn.utils.clip_grad_norm_'s rule, per group.
         per_group.mul_((admm.grad_clip / (per_group.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0))
         optimizer.step()
-    return loss.detach()
+    return loss.detach(), match.detach()
 
 
 def initial_tokens(lm: LM, init: Initialisation, ctx: MatchingContext, allowed: torch.Tensor, prefix_ids,
@@ -218,7 +219,7 @@ def run_round(
             started = time.perf_counter()
             z_emb = emb[z].float()
             for _ in range(admm.inner_steps):
-                loss = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
+                loss, match = inner_step(lm, ctx, x, z_emb, u, optimizer, admm)
                 if not torch.isfinite(loss):
                     raise NumericalFault(f"matching loss became {loss.item()} at outer step {outer}")
             if x.is_cuda:
@@ -227,18 +228,22 @@ def run_round(
             with torch.no_grad():
                 if not torch.isfinite(x).all():
                     raise NumericalFault(f"synthetic embeddings became non-finite at outer step {outer}")
-                grad_distance_x = matching_loss_continuous(lm, ctx, x).tolist()
+                # At the last inner step, before its update: one pass through the model less per outer step.
+                grad_distance_x = match.tolist()
                 projection_started = time.perf_counter()
-                z = project(lm, x + u, z, allowed, ctx, prefix_ids)
+                projected = project(lm, x + u, z, allowed, ctx, prefix_ids)
+                z = projected.tokens
                 if z.is_cuda:  # kernels run asynchronously: without this the time is the launch's
                     torch.cuda.synchronize(z.device)
                 projection_s = time.perf_counter() - projection_started
                 z_emb = emb[z].float()
                 u += x - z_emb
-                grad_distance_z = ctx.group_losses(ctx.features(lm, z)).tolist()
+                feats_z = ctx.features(lm, z) if projected.features is None else projected.features
+                grad_distance_z = ctx.group_losses(feats_z).tolist()
                 if not all(math.isfinite(d) for d in grad_distance_z):
                     raise NumericalFault(f"token matching loss became {grad_distance_z} at step {outer}")
-                log_ppl_z = _group_means(mean_nll(lm, prefix_ids, z.tolist()), groups)
+                nll_z = mean_nll(lm, prefix_ids, z.tolist()) if projected.nll is None else projected.nll
+                log_ppl_z = _group_means(nll_z, groups)
                 primal_residual = _group_means((x - z_emb).norm(dim=-1), groups)
             seconds = time.perf_counter() - started
             records = []

@@ -88,8 +88,20 @@ class MatchingContext:
 
 
 
+@dataclass
+class Projected:
+    """A projection's tokens (B x L), with what the projection already measured of them: their matched
+    gradient features and each row's mean token NLL given the LM prefix. The ADMM loop scores z from
+    these instead of running z through the model again; a projector that did not measure them leaves
+    them None."""
+
+    tokens: torch.Tensor
+    features: GradFeatures | None = None
+    nll: torch.Tensor | None = None
+
+
 class Projector(Protocol):
     """z = Project(x + u): tokens for `points` (B x L x d), given the current tokens and the context."""
 
     def __call__(self, lm: LM, points: torch.Tensor, current: torch.Tensor, allowed: torch.Tensor,
-                 ctx: MatchingContext, prefix_ids: list[int]) -> torch.Tensor: ...
+                 ctx: MatchingContext, prefix_ids: list[int]) -> Projected: ...

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from gradmm.gradients import GradFeatures, Objective, cat_features
-from gradmm.matching_context import MatchingContext
+from gradmm.matching_context import MatchingContext, Projected
 from gradmm.models import LM, mean_nll
 from gradmm.projection import cosine_topk_mask, decode
 
@@ -153,9 +153,9 @@ class ExactMatchingLM:
     match_weight: float = 5000.0
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
-        return project_matching_lm_exact(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,
-                                         exact_candidates=self.exact_candidates, match_weight=self.match_weight,
-                                         prefix_ids=prefix_ids)
+        return Projected(project_matching_lm_exact(
+            lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,
+            exact_candidates=self.exact_candidates, match_weight=self.match_weight, prefix_ids=prefix_ids))
 
 
 
@@ -229,13 +229,14 @@ def project_matching_lm(
     match_weight: float,
     prefix_ids: list[int],
     swaps_per_row: int,
-) -> torch.Tensor:
+) -> Projected:
     """Propose in one pass, check in two. Each position's best alternative to its current token (among
     topk_lm's candidates that the LM also likes) is ranked by LM log-probability minus match_weight x a
     first-order estimate of the matching loss's change, from one gradient at `current`. Each row's
     `swaps_per_row` most promising single swaps are scored exactly in one batched pass; a row's swaps
     that pay are combined, and that row checked exactly in a second pass. Each row then keeps its
-    tokens, takes its best single swap or the combination, whichever mix scores best (`best_row_mix`)."""
+    tokens, takes its best single swap or the combination, whichever mix scores best (`best_row_mix`).
+    Returns the tokens with their exact features and mean token NLL, measured on the way."""
     n_rows, length = current.shape
     device = current.device
     emb = lm.input_embeddings
@@ -259,7 +260,7 @@ def project_matching_lm(
         promising, positions = predicted.topk(m, dim=-1)  # B x m
         rows, slots = (promising > 0).nonzero(as_tuple=True)
         if not len(rows):
-            return current
+            return Projected(current, current_feats, -current_lp.mean(-1))
         t = positions[rows, slots]
         trials = current[rows].clone()
         trials[torch.arange(len(rows), device=device), t] = alternative[rows, t]
@@ -286,8 +287,14 @@ def project_matching_lm(
         changed_lp = -mean_nll(lm, prefix_ids, options[:, 1:].flatten(0, 1).tolist()).to(device) * length
         gains = torch.cat([torch.zeros(n_rows, 1, device=device),
                            changed_lp.view(n_rows, 2) - current_lp.sum(-1, keepdim=True)], dim=1)
-    pick = best_row_mix(ctx, [current_feats, single_feats, combined_feats], gains, match_weight)
-    return options[row_ids, pick]
+    option_feats = [current_feats, single_feats, combined_feats]
+    pick = best_row_mix(ctx, option_feats, gains, match_weight)
+    feats = current_feats.select(row_ids)
+    for o in (1, 2):
+        taken = (pick == o).nonzero().squeeze(-1)
+        feats.assign(taken, option_feats[o], taken)
+    logprob = torch.cat([current_lp.sum(-1, keepdim=True), changed_lp.view(n_rows, 2)], dim=1)
+    return Projected(options[row_ids, pick], feats, -logprob[row_ids, pick] / length)
 
 
 @dataclass(frozen=True)

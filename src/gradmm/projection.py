@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from gradmm.matching_context import Projected
 from gradmm.models import LM
 
 _WORD = re.compile(r" [A-Za-z]+")
@@ -137,7 +138,7 @@ class Nearest:
     """The nearest allowed token by cosine; no LM."""
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
-        return project_nearest(lm, points, allowed)
+        return Projected(project_nearest(lm, points, allowed))
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class TopkLM:
     topk: int = 200
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
-        return project_topk_lm(lm, points, allowed, self.topk, prefix_ids)
+        return Projected(project_topk_lm(lm, points, allowed, self.topk, prefix_ids))
 
 
 def sample_sequences(
