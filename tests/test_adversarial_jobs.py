@@ -227,8 +227,9 @@ def test_an_older_job_directory_is_compared_by_its_config(data, tmp_path):
 def test_a_resumed_job_says_where_it_continues_before_any_work(data, tmp_path, monkeypatch, caplog):
     cfg = _cfg(data, "generation.rounds=2", root=tmp_path)
     path = tmp_path / "job"
-    # Stopped in the second round of class 0 (3 losses per outer step, 2 steps, plus the first).
-    _poison(monkeypatch, lambda n, ctx: KeyboardInterrupt() if n == 9 else False)
+    # Stopped in the second outer step of class 0's second round (a loss per inner step, 2 inner steps
+    # an outer step, 2 outer steps a round: calls 1-4 are the first round).
+    _poison(monkeypatch, lambda n, ctx: KeyboardInterrupt() if n == 7 else False)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_job(cfg, path)
     monkeypatch.undo()
@@ -254,7 +255,8 @@ def test_a_fresh_job_does_not_claim_to_resume(data, tmp_path, caplog):
 def _checkpoint(tmp_path, data, monkeypatch):
     cfg = _cfg(data, root=tmp_path)
     path = tmp_path / "job"
-    _poison(monkeypatch, lambda n, ctx: KeyboardInterrupt() if n == 5 else False)
+    # In the first round's second outer step, after the first one's checkpoint.
+    _poison(monkeypatch, lambda n, ctx: KeyboardInterrupt() if n == 3 else False)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_job(cfg, path)
     monkeypatch.undo()

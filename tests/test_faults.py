@@ -55,8 +55,9 @@ def test_a_job_stopped_after_a_fault_resumes_with_the_next_attempt(tiny_cfg, tmp
     """The attempt number is checkpointed: resuming must not replay the initialisation that failed."""
     _poison(monkeypatch, lambda n, ctx: n == 1)
     run_job(tiny_cfg, tmp_path / "uninterrupted")
-    # Attempt 0 fails at its first loss; attempt 1 is stopped in its second outer step (3 losses a step).
-    _poison(monkeypatch, lambda n, ctx: True if n == 1 else KeyboardInterrupt() if n == 6 else False)
+    # Attempt 0 fails at its first loss; attempt 1 is stopped in its second outer step (a loss per inner
+    # step, 2 a step: calls 2-3, then 4-5).
+    _poison(monkeypatch, lambda n, ctx: True if n == 1 else KeyboardInterrupt() if n == 5 else False)
     with pytest.raises(KeyboardInterrupt):
         run_job(tiny_cfg, tmp_path / "stopped")
     monkeypatch.undo()
