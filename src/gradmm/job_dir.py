@@ -126,6 +126,27 @@ def private_source_problem(cfg: DictConfig, source: Path) -> str | None:
     return None
 
 
+def task_differences(cfg: DictConfig, source: Path) -> list[str]:
+    """How the task of the job in `source` differs from this config's, as its texts are read: the task,
+    its classes, its verbalizer (prompt, label words, text length) and the tokenizer. Empty when they
+    agree; a source without an identity record cannot be shown to agree."""
+    try:
+        record = read_identity(source)
+    except JobDirError as error:
+        return [str(error)]
+    if record is None:
+        return [f"it has no {IDENTITY_FILE}, so its task is unknown"]
+    return _differences(_task_view(record["science"]), _task_view(science_config(cfg)))
+
+
+def _task_view(science: dict) -> dict:
+    task, model = science.get("task", {}), science.get("model", {})
+    tokenizer = f"{model.get('package')}/{model.get('gguf_file')}" if model.get("package") else model.get("hub_id")
+    return {"task": {key: task.get(key) for key in ("name", "label_names", "label_words", "prompt",
+                                                    "max_text_tokens", "source_labels")},
+            "tokenizer": tokenizer}
+
+
 def _json(path: Path):
     try:
         return json.loads(path.read_text()) if path.is_file() else None
