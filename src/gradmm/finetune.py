@@ -35,7 +35,7 @@ from gradmm import artifacts
 from gradmm.gradients import OutputLayer
 from gradmm.models import LM
 from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
-from gradmm.tracking import Tracker
+from gradmm.tracking import Tracker, class_key
 from gradmm.tuning import checkpoint_applied
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, P
     baselines next to it. `synthetic` maps synthetic/synthetic_filtered to their files. Each trained
     model's result is saved on its own under out_dir/evaluation/, so a re-run resumes per model."""
     ev, n_classes = cfg.evaluate, len(cfg.task.label_names)
-    per_class_keys = [f"accuracy/{name}" for name in cfg.task.label_names]
+    per_class_keys = [f"accuracy/{class_key(k, name)}" for k, name in enumerate(cfg.task.label_names)]
     evaluation = load_split(cfg, cfg.task.eval_split)
     if ev.max_eval is not None and ev.max_eval < len(evaluation):
         evaluation = stratified_sample(evaluation, ev.max_eval, n_classes, cfg.seed + 3)
