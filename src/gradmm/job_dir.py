@@ -11,8 +11,12 @@ and where it continues.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from gradmm.identity import science_config, science_hash
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+LOCK_FILE = ".lock"
 
 
 class JobDirError(RuntimeError):
@@ -66,6 +71,25 @@ def claim(cfg: DictConfig, out_dir: Path) -> None:
     if earlier is not None:
         log_resume(cfg, out_dir)
     artifacts.write_json(out_dir / IDENTITY_FILE, mine)
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Holds out_dir for one run: two runs of one job would write the same rounds, checkpoints and
+    summary under each other. The lock is the operating system's (flock), so a killed run releases it."""
+    with (out_dir / LOCK_FILE).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise JobDirError(f"another run holds {out_dir} (pid {holder}); nothing there was changed. Wait for "
+                              "it to finish, or stop it, then run the same command again.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def _checkpoint_science(path: Path) -> str | None:
