@@ -225,3 +225,25 @@ def test_a_transfer_is_recorded_in_the_summary(finished, tmp_path):
     transfer = summary["evaluation"]["transfer"]
     assert transfer["from"] == str((finished / "job").resolve())
     assert any(d.startswith("task.name") for d in transfer["differs"])
+
+
+# --- under privacy=dp a rebuild never makes a new release ---------------------------------------------
+
+def test_under_dp_synthetic_texts_are_rebuilt_only_from_the_cached_release(tmp_path):
+    from gradmm import ledger
+
+    _data(tmp_path / "data")
+    cfg = _cfg(tmp_path, "privacy=dp", "privacy.delta=1e-3", "stages=[generate]")
+    job = tmp_path / "job"
+    pipeline.run_job(cfg, job)
+    made = (job / "synthetic.jsonl").read_bytes()
+    (job / "synthetic.jsonl").unlink()
+    pipeline.run_job(cfg, job)
+    assert (job / "synthetic.jsonl").read_bytes() == made
+    releases = ledger.read(tmp_path / "targets")
+    for entry in (tmp_path / "targets").glob("*.pt"):
+        entry.unlink()
+    (job / "synthetic.jsonl").unlink()
+    with pytest.raises(RuntimeError, match=f"{job / 'synthetic.jsonl'} cannot be made again"):
+        pipeline.run_job(cfg, job)
+    assert ledger.read(tmp_path / "targets") == releases, "no new release was made"
