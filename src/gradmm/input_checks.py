@@ -113,23 +113,21 @@ def path_problems(cfg: DictConfig) -> list[str]:
 def check_files(problems: list[str], cfg: DictConfig) -> None:
     """The evaluation split and the synthetic files this job reads, row by row (the training split is
     checked with its class counts in gradmm.validation)."""
-    n_labels = len(cfg.task.label_names)
-    files = []
     evaluated = "evaluate" in cfg.stages and not unsafe_name("", cfg.task.data_name)
     if evaluated and cfg.paths.data_dir is not None:
-        files.append((split_path(cfg, cfg.task.eval_split), label_bound(cfg)))
+        try:
+            problems += _eval_sample_problems(cfg, label_counts(split_path(cfg, cfg.task.eval_split),
+                                                                label_bound(cfg)))
+        except DataFileError as error:
+            problems += error.problems
     source = cfg.data.synthetic_from
     if source is not None and "generate" not in cfg.stages:
         names = ["synthetic.jsonl"] + (["synthetic_filtered.jsonl"] if "filter" not in cfg.stages else [])
-        files += [(Path(source) / name, n_labels) for name in names if (Path(source) / name).is_file()]
-    for path, bound in files:
-        try:
-            counts = label_counts(path, bound)
-        except DataFileError as error:
-            problems += error.problems
-            continue
-        if evaluated and path == files[0][0]:
-            problems += _eval_sample_problems(cfg, counts)
+        for path in [Path(source) / name for name in names if (Path(source) / name).is_file()]:
+            try:
+                label_counts(path, len(cfg.task.label_names))
+            except DataFileError as error:
+                problems += error.problems
     if cfg.paths.data_dir is None and cfg.task.hub_id is not None:
         for split in sorted({cfg.task.train_split, *([cfg.task.eval_split] if evaluated else [])}):
             if error := fingerprint.hub_error(cfg, split):
@@ -147,7 +145,8 @@ def _eval_sample_problems(cfg: DictConfig, counts: dict[int, int]) -> list[str]:
     have = [counts.get(label, 0) for label in kept]
     if not isinstance(max_eval, int) or max_eval <= 0 or max_eval >= sum(have) or len(kept) != len(names):
         return []
-    fits = max(n for n in range(max_eval + 1) if all(map(int.__le__, class_quotas(n, len(names)), have)))
+    fits = max(n for n in range(max_eval + 1)
+               if all(quota <= n_class for quota, n_class in zip(class_quotas(n, len(names)), have, strict=True)))
     return [f"evaluate.max_eval={max_eval} draws {quota} examples of class {name!r}, but split "
             f"{cfg.task.eval_split!r} has {n}: use evaluate.max_eval={fits} or less, or null (the whole split)."
             for name, quota, n in zip(names, class_quotas(max_eval, len(names)), have, strict=True) if n < quota]
