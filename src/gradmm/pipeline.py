@@ -107,11 +107,11 @@ def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
             filter_stage(cfg, setup, lm, source, out_dir, quiet)
         if due("evaluate") or "evaluate" in resume.rebuild:
             evaluated = evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker if due("evaluate") else quiet)
-            if cfg.data.transfer:
-                evaluated["evaluation"]["transfer"] = {"from": str(Path(cfg.data.synthetic_from).resolve()),
-                                                       "differs": job_dir.task_differences(cfg, source)}
             if due("evaluate"):
                 summary.update(evaluated)
+                if cfg.data.transfer:
+                    summary["evaluation"]["transfer"] = {"from": str(source.resolve()),
+                                                         "differs": job_dir.task_differences(cfg, source)}
                 _made(summary, "evaluate")
                 manifest.save(out_dir, summary)
         if resume.rebuild:
