@@ -116,8 +116,8 @@ def test_a_generation_job_and_an_evaluation_of_it_fill_the_dashboard(tmp_path, o
 
     # Namespaced curves, each series one class and round, or one method, seed and lr.
     made_keys = set().union(*made.history())
-    for label in labels:
-        assert {f"generate/{m}/{label}/round0" for m in ("grad_distance_z", "log_ppl_z")} <= made_keys
+    for k, label in enumerate(labels):
+        assert {f"generate/{m}/class{k}_{label}/round0" for m in ("grad_distance_z", "log_ppl_z")} <= made_keys
     dev_key = "evaluate/dev_accuracy/synthetic_filtered/seed0/lr0.001"
     assert {"evaluate/step", dev_key, "evaluate/train_loss/synthetic_filtered/seed0/lr0.001"} <= set().union(
         *used.history())
@@ -126,12 +126,12 @@ def test_a_generation_job_and_an_evaluation_of_it_fill_the_dashboard(tmp_path, o
             assert not any(isinstance(v, str) for k, v in row.items() if "/texts/" not in k), row
 
     # Each curve against its stage's step, summarised by its best value.
-    metric = made.metrics()[f"generate/grad_distance_z/{labels[0]}/round0"]
+    metric = made.metrics()[f"generate/grad_distance_z/class0_{labels[0]}/round0"]
     assert metric.step_metric == "generate/outer_step" and metric.summary.min
     assert "generate/outer_step" in made.metrics()
     metric = used.metrics()[dev_key]
     assert metric.step_metric == "evaluate/step" and metric.summary.max
-    assert set(made.summary()[f"generate/grad_distance_z/{labels[0]}/round0"]) == {"min"}
+    assert set(made.summary()[f"generate/grad_distance_z/class0_{labels[0]}/round0"]) == {"min"}
     assert set(used.summary()[dev_key]) == {"max"}, "the rule applies to the whole name, dots included"
 
     # The synthetic texts, as generated and as the filter judged them.
@@ -162,7 +162,7 @@ def test_a_generation_job_and_an_evaluation_of_it_fill_the_dashboard(tmp_path, o
                 "filter/n_kept", "filter/dropped/duplicate"):
         assert isinstance(summary[key], int | float), key
     summary = used.summary()
-    for key in ("accuracy", "accuracy_std", *(f"accuracy/{label}" for label in labels),
+    for key in ("accuracy", "accuracy_std", *(f"accuracy/class{k}_{label}" for k, label in enumerate(labels)),
                 "baseline/zero_shot/accuracy", "baseline/zero_shot/accuracy_std", "evaluation/n_eval"):
         assert isinstance(summary[key], int | float), key
     config = made.config()
@@ -183,12 +183,21 @@ def test_headline_figures_are_flat_and_carry_the_privacy_release():
     figures = headline(summary, ["neg", "Sci/Tech"])
     assert figures == {
         "grad_distance_set": 0.5, "random_baseline/grad_distance_set": 0.9, "accuracy": 0.8, "accuracy_std": 0.1,
-        "accuracy/neg": 0.7, "accuracy/Sci_Tech": 0.9, "baseline/zero_shot/accuracy": 0.6,
-        "baseline/zero_shot/accuracy_std": 0.0, "baseline/zero_shot/accuracy/neg": 0.5,
-        "baseline/zero_shot/accuracy/Sci_Tech": 0.7, "privacy/epsilon": 3.9, "privacy/delta": 1e-5,
+        "accuracy/class0_neg": 0.7, "accuracy/class1_Sci_Tech": 0.9, "baseline/zero_shot/accuracy": 0.6,
+        "baseline/zero_shot/accuracy_std": 0.0, "baseline/zero_shot/accuracy/class0_neg": 0.5,
+        "baseline/zero_shot/accuracy/class1_Sci_Tech": 0.7, "privacy/epsilon": 3.9, "privacy/delta": 1e-5,
         "privacy/epsilon_total": 7.8, "privacy/releases": 2, "leakage/max_shared_ngram": 3, "filter/n_in": 8,
         "filter/n_kept": 4, "filter/dropped/balance": 4, "n_failed_rounds": 1,
     }
+
+
+def test_classes_whose_names_slug_alike_keep_their_own_keys():
+    summary = {"accuracy": 0.5, "per_class_accuracy": [0.2, 0.8],
+               "baselines": {"zero_shot": {"mean": 0.5, "std": 0.0, "per_class_accuracy": [0.3, 0.7]}}}
+    figures = headline(summary, ["pos/neg", "pos neg"])
+    assert figures["accuracy/class0_pos_neg"] == 0.2 and figures["accuracy/class1_pos_neg"] == 0.8
+    assert figures["baseline/zero_shot/accuracy/class0_pos_neg"] == 0.3
+    assert figures["baseline/zero_shot/accuracy/class1_pos_neg"] == 0.7
 
 
 def test_the_filter_names_the_rule_that_dropped_each_row():

@@ -53,5 +53,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with Path(path).open() as f:
+    """The one JSONL reader: UTF-8, a byte-order mark opening the file read past (editors on Windows
+    write one), blank lines skipped."""
+    with Path(path).open(encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]

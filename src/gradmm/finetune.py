@@ -35,7 +35,7 @@ from gradmm import artifacts
 from gradmm.gradients import OutputLayer
 from gradmm.models import LM
 from gradmm.tasks import Example, Verbalizer, load_split, stratified_sample
-from gradmm.tracking import Tracker
+from gradmm.tracking import Tracker, class_key
 from gradmm.tuning import checkpoint_applied
 
 if TYPE_CHECKING:
@@ -192,13 +192,28 @@ def evaluate_trained(lm: LM, verbalizer: Verbalizer, selected: dict, evaluation:
         return Classifier(lm, verbalizer).accuracy(evaluation, n_classes)
 
 
+def generator_overlap(cfg: DictConfig, evaluation: list[Example], real) -> int | str:
+    """How many evaluation examples are texts the generator saw: a split shared with the training data
+    (or a task whose splits overlap) scores texts the synthetic set may echo. Under privacy=dp the
+    count is a function of the private examples, so it is neither computed nor published."""
+    if cfg.privacy.name == "dp":
+        return "not checked: under privacy=dp the count would be a function of the private examples"
+    seen = {ex.text.strip() for ex in real}
+    shared = sum(ex.text.strip() in seen for ex in evaluation)
+    if shared:
+        log.warning("%d of the %d evaluation examples are among the generator's %d real examples: the "
+                    "accuracy is partly measured on texts the generator saw (recorded in summary.json, "
+                    "evaluation.overlap_with_generator).", shared, len(evaluation), len(real))
+    return shared
+
+
 def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, Path], out_dir: Path,
                    tracker: Tracker) -> dict:
     """Accuracy of the model fine-tuned on `evaluate.train_on`, over `evaluate.seeds`, with the
     baselines next to it. `synthetic` maps synthetic/synthetic_filtered to their files. Each trained
     model's result is saved on its own under out_dir/evaluation/, so a re-run resumes per model."""
     ev, n_classes = cfg.evaluate, len(cfg.task.label_names)
-    per_class_keys = [f"accuracy/{name}" for name in cfg.task.label_names]
+    per_class_keys = [f"accuracy/{class_key(k, name)}" for k, name in enumerate(cfg.task.label_names)]
     evaluation = load_split(cfg, cfg.task.eval_split)
     if ev.max_eval is not None and ev.max_eval < len(evaluation):
         evaluation = stratified_sample(evaluation, ev.max_eval, n_classes, cfg.seed + 3)
@@ -256,6 +271,7 @@ def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, P
             "runs": runs,
         }
 
+    overlap = generator_overlap(cfg, splits.evaluation, setup.real)
     main_result = aggregate(ev.train_on)
     baselines = {name: aggregate(name) for name in ev.baselines}
     return {
@@ -263,7 +279,7 @@ def evaluate_stage(cfg: DictConfig, setup: Setup, lm: LM, synthetic: dict[str, P
         "accuracy_std": main_result["std"],
         "per_class_accuracy": main_result["per_class_accuracy"],
         "evaluation": {"train_on": ev.train_on, "method": instantiate(ev.method).name, "n_eval": len(splits.evaluation),
-                       "n_dev": len(splits.dev), **main_result},
+                       "n_dev": len(splits.dev), "overlap_with_generator": overlap, **main_result},
         "baselines": {name: {k: b[k] for k in ("mean", "std", "per_class_accuracy", "n_train")}
                       for name, b in baselines.items()},
     }

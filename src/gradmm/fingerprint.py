@@ -74,12 +74,26 @@ def split_sha256(cfg: DictConfig, split: str) -> str:
     task = cfg.task
     key = (task.hub_id, task.hub_config, task.hub_splits.get(split, split), task.hub_revision)
     if key not in _HUB_DIGESTS:  # once per process: load_dataset asks the hub each time it is called
-        rows = read_hub(task, split)
+        try:
+            rows = read_hub(task, split)
+        except Exception as error:  # noqa: BLE001 - the job directory is named first; validation reports it
+            _HUB_ERRORS[key] = f"{type(error).__name__}: {error}"
+            return "unreadable"
         _HUB_DIGESTS[key] = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+        _HUB_ERRORS.pop(key, None)
     return _HUB_DIGESTS[key]
 
 
+def hub_error(cfg: DictConfig, split: str) -> str | None:
+    """Why the hub split could not be read (None when it was): Hydra names the job directory, through
+    the run identity, before validation runs, so the failure waits here to be listed with the rest."""
+    split_sha256(cfg, split)
+    task = cfg.task
+    return _HUB_ERRORS.get((task.hub_id, task.hub_config, task.hub_splits.get(split, split), task.hub_revision))
+
+
 _HUB_DIGESTS: dict[tuple, str] = {}
+_HUB_ERRORS: dict[tuple, str] = {}
 
 
 def _list(value):

@@ -75,6 +75,27 @@ def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Trac
     return {**summary, **({"privacy": release} if release else {})}
 
 
+def rescore(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM) -> None:
+    """synthetic.jsonl made again from the saved rounds, as generate wrote it (gradmm.manifest: a
+    resumed job whose synthetic.jsonl was lost). The targets come from the cache; under privacy=dp a
+    missing entry is refused, since computing it again would be a new release."""
+    head = matched_gradient(cfg, setup, lm)
+
+    def no_new_release():
+        raise RuntimeError(f"{out_dir / 'synthetic.jsonl'} cannot be made again: its targets are gone from "
+                           f"{cfg.paths.target_cache_dir}, and computing them again would spend the privacy "
+                           "budget on a new release. Restore the file, or run with resume=false.")
+
+    compute = no_new_release if cfg.privacy.name == "dp" else (lambda: compute_targets(cfg, setup, lm, head))
+    targets, _ = cached_targets(cfg, setup.real, lm.device, compute)
+    privacy.seal(setup.real)
+    allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
+    rounds_dir = out_dir / "rounds"
+    jobs = [(k, r) for k in range(len(cfg.task.label_names)) for r in range(cfg.generation.rounds)]
+    rows = [row for job in jobs for row in _load_round(rounds_dir, *job)["rows"]]
+    score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, 0.0, [])
+
+
 def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head) -> tuple[list, dict]:
     """Per class, the mean matched gradient of the real examples of that class, or its private
     release under privacy=dp (with the release's facts: noise multiplier, spent epsilon, ...). Each

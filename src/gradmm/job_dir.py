@@ -11,8 +11,12 @@ and where it continues.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from gradmm.identity import science_config, science_hash
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+LOCK_FILE = ".lock"
 
 
 class JobDirError(RuntimeError):
@@ -66,6 +71,25 @@ def claim(cfg: DictConfig, out_dir: Path) -> None:
     if earlier is not None:
         log_resume(cfg, out_dir)
     artifacts.write_json(out_dir / IDENTITY_FILE, mine)
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path) -> Iterator[None]:
+    """Holds out_dir for one run: two runs of one job would write the same rounds, checkpoints and
+    summary under each other. The lock is the operating system's (flock), so a killed run releases it."""
+    with (out_dir / LOCK_FILE).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise JobDirError(f"another run holds {out_dir} (pid {holder}); nothing there was changed. Wait for "
+                              "it to finish, or stop it, then run the same command again.") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def _checkpoint_science(path: Path) -> str | None:
@@ -124,6 +148,27 @@ def private_source_problem(cfg: DictConfig, source: Path) -> str | None:
         return f"{key} was made from other private examples (another task, data, seed, n_real or " \
                "paths.target_cache_dir): this job's DP guarantee would not cover them."
     return None
+
+
+def task_differences(cfg: DictConfig, source: Path) -> list[str]:
+    """How the task of the job in `source` differs from this config's, as its texts are read: the task,
+    its classes, its verbalizer (prompt, label words, text length) and the tokenizer. Empty when they
+    agree; a source without an identity record cannot be shown to agree."""
+    try:
+        record = read_identity(source)
+    except JobDirError as error:
+        return [str(error)]
+    if record is None:
+        return [f"it has no {IDENTITY_FILE}, so its task is unknown"]
+    return _differences(_task_view(record["science"]), _task_view(science_config(cfg)))
+
+
+def _task_view(science: dict) -> dict:
+    task, model = science.get("task", {}), science.get("model", {})
+    tokenizer = f"{model.get('package')}/{model.get('gguf_file')}" if model.get("package") else model.get("hub_id")
+    return {"task": {key: task.get(key) for key in ("name", "label_names", "label_words", "prompt",
+                                                    "max_text_tokens", "source_labels")},
+            "tokenizer": tokenizer}
 
 
 def _json(path: Path):

@@ -205,3 +205,16 @@ def mean_nll(lm: LM, prefix_ids: list[int], texts_ids: list[list[int]], batch_si
         scored = (positions[None, 1:] >= len(prefix_ids)) & (positions[None, 1:] < lengths[:, None])
         result.append((nll * scored).sum(1) / scored.sum(1).clamp_min(1))
     return torch.cat(result) if result else torch.zeros(0)
+
+
+@contextlib.contextmanager
+def attention_kept(lm: LM):
+    """Generation may switch attention to eager (second-order autograd, gradmm.generate); the stages
+    after it then score with the attention the model was loaded with, as they do in a run that did not
+    generate: a resumed job's filter and evaluation are the same bytes as an uninterrupted job's."""
+    loaded = lm.model.config._attn_implementation
+    try:
+        yield
+    finally:
+        if lm.model.config._attn_implementation != loaded:
+            lm.model.set_attn_implementation(loaded)

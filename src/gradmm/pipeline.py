@@ -3,20 +3,19 @@ skipping what an earlier run of the same job already saved."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts, input_checks, job_dir, privacy
+from gradmm import artifacts, input_checks, job_dir, manifest, privacy
 from gradmm.filtering import filter_stage
 from gradmm.finetune import evaluate_stage
-from gradmm.generate import generate, processes
+from gradmm.generate import generate, processes, rescore
 from gradmm.identity import provenance
 from gradmm.inputs import Setup
-from gradmm.models import load_lm, load_tokenizer
+from gradmm.models import attention_kept, load_lm, load_tokenizer
 from gradmm.scoring import leakage_audit
 from gradmm.tasks import generator_examples
 from gradmm.tracking import Tracker
@@ -43,15 +42,24 @@ def _made(summary: dict, stage: str) -> None:
 
 
 def run_job(cfg: DictConfig, out_dir: Path, tokenizer=None) -> dict:
-    """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir. The
-    tokenizer is loaded unless given (the command line has it from validation)."""
-    started = time.perf_counter()
+    """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir, once
+    gradmm.manifest has found those outputs as they were recorded (or rebuilt them). The tokenizer is
+    loaded unless given (the command line has it from validation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    main_process = processes(cfg).is_main_process
-    if main_process:
-        # Refuses a directory holding another job's work before anything there is written.
-        job_dir.claim(cfg, out_dir)
+    if not processes(cfg).is_main_process:
+        return _run(cfg, out_dir, tokenizer)
+    # Refuses a directory holding another job's work before anything there is written.
+    job_dir.claim(cfg, out_dir)
+    with job_dir.exclusive(out_dir):
         artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return _run(cfg, out_dir, tokenizer)
+
+
+def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
+    started = time.perf_counter()
+    main_process = processes(cfg).is_main_process
+    resume = manifest.verify(out_dir, remove_damaged=main_process) if cfg.resume else manifest.Resume()
+    summary = resume.summary
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     setup = prepare(cfg, tokenizer)
@@ -59,36 +67,56 @@ def run_job(cfg: DictConfig, out_dir: Path, tokenizer=None) -> dict:
     if problems := input_checks.model_limits(cfg, lm, setup):
         raise ConfigError(problems)
     torch.manual_seed(cfg.seed)
-    summary_path = out_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if cfg.resume and summary_path.is_file() else {}
     # A stage reads what this job made, or else what the earlier job in data.synthetic_from made.
     source = out_dir if "generate" in cfg.stages else Path(cfg.data.synthetic_from)
     filtered = (out_dir if "filter" in cfg.stages else source) / "synthetic_filtered.jsonl"
     synthetic = {"synthetic": source / "synthetic.jsonl", "synthetic_filtered": filtered}
+
+    def due(stage: str) -> bool:
+        return stage in cfg.stages and manifest.DONE_KEY[stage] not in summary
+
     if not main_process:
         # Under `accelerate launch` the other processes only generate their share of the rounds; the
         # main process collects them and runs everything after.
-        if "generate" in cfg.stages and "n_synthetic" not in summary:
-            generate(cfg, out_dir, setup, lm, Tracker(cfg, out_dir, active=False), started)
+        if due("generate"):
+            with attention_kept(lm):
+                generate(cfg, out_dir, setup, lm, Tracker(cfg, out_dir, active=False), started)
         return summary
     tracker = Tracker(cfg, out_dir)
+    # A rebuild makes files again and leaves the summary, the metrics and the W&B run as they were.
+    quiet = Tracker(cfg, out_dir, active=False)
     try:
-        if "generate" in cfg.stages and "n_synthetic" not in summary:
-            summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
+        if due("generate"):
+            with attention_kept(lm):
+                summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
             tracker.log_texts("generate", artifacts.read_jsonl(out_dir / "synthetic.jsonl"))
             summary["leakage"] = leakage_audit(cfg, out_dir)
             _made(summary, "generate")
-            artifacts.write_json(summary_path, summary)
+            manifest.save(out_dir, summary)
+        elif "generate" in resume.rebuild:
+            with attention_kept(lm):
+                rescore(cfg, out_dir, setup, lm)
+            leakage_audit(cfg, out_dir)
         # Also when generation was done by an earlier run or job: no later stage reads the private examples.
         privacy.seal(setup.real)
-        if "filter" in cfg.stages and "filter" not in summary:
+        if due("filter"):
             summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir, tracker)
             _made(summary, "filter")
-            artifacts.write_json(summary_path, summary)
-        if "evaluate" in cfg.stages and "accuracy" not in summary:
-            summary.update(evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker))
-            _made(summary, "evaluate")
-            artifacts.write_json(summary_path, summary)
+            manifest.save(out_dir, summary)
+        elif "filter" in resume.rebuild:
+            filter_stage(cfg, setup, lm, source, out_dir, quiet)
+        if due("evaluate") or "evaluate" in resume.rebuild:
+            evaluated = evaluate_stage(cfg, setup, lm, synthetic, out_dir, tracker if due("evaluate") else quiet)
+            if due("evaluate"):
+                summary.update(evaluated)
+                if cfg.data.transfer:
+                    summary["evaluation"]["transfer"] = {"from": str(source.resolve()),
+                                                         "differs": job_dir.task_differences(cfg, source)}
+                _made(summary, "evaluate")
+                manifest.save(out_dir, summary)
+        if resume.rebuild:
+            manifest.check_rebuilt(out_dir, resume)
+            manifest.save(out_dir, summary)
         # Under privacy=dp the audit, a function of the private examples, stays on this machine.
         private = cfg.privacy.name == "dp"
         tracker.summary({k: v for k, v in summary.items() if not (private and k == "leakage")})

@@ -156,6 +156,9 @@ class DataConfig:
     # An earlier job directory whose synthetic(_filtered).jsonl the filter/evaluate stages read when
     # this job does not generate.
     synthetic_from: Optional[str] = None
+    # True when synthetic_from is a job of another task whose texts this task evaluates on purpose
+    # (SST-2 texts on Rotten Tomatoes): its labels are read by index; the summary records the transfer.
+    transfer: bool = False
 
 
 @dataclass

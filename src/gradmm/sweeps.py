@@ -95,7 +95,7 @@ def sweep_name(config: DictConfig) -> str:
 
 
 class SweepGroup(Callback):
-    """Hydra callback (conf/hydra/callbacks/sweep_group.yaml): names the sweep before any job starts."""
+    """Hydra callback (conf/hydra/callbacks/default.yaml): names the sweep before any job starts."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_GROUP_ENV] = sweep_name(config)

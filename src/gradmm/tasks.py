@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gradmm import artifacts
+
 
 @dataclass(frozen=True)
 class Example:
@@ -62,7 +64,7 @@ def load_split(cfg: DictConfig, split: str) -> list[Example]:
     task = cfg.task
     path = split_path(cfg, split)
     if path is not None:
-        rows = _read_jsonl(path)
+        rows = artifacts.read_jsonl(path)
     else:
         rows = read_hub(task, split)
     keep = task.source_labels
@@ -86,45 +88,67 @@ def split_path(cfg: DictConfig, split: str) -> Path | None:
 
 
 class DataFileError(ValueError):
-    """A data file that is missing or has a row that is not a labelled text."""
+    """A data file that is missing or has rows that are not labelled texts: every problem, one each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# Enough bad rows to see the pattern; a file of thousands of them is named by its count.
+MAX_LISTED_ROWS = 20
+
+
+def visible(text: str) -> bool:
+    """Whether a text has something to read: NUL bytes, control characters and spaces alone are not."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 def label_counts(path: Path, n_labels: int | None) -> dict[int, int]:
-    """How many rows of each label a split file holds; DataFileError, naming the file and line, at its
-    first unusable row: not UTF-8, not a JSON object with a non-empty string 'text' and an integer
-    'label', or a label outside 0..n_labels-1 (n_labels None: any label >= 0). Blank lines are skipped,
-    as load_split skips them; a file without a row is unusable too."""
+    """How many rows of each label a split file holds; DataFileError naming every unusable row by file
+    and line (the first MAX_LISTED_ROWS, then how many more): not UTF-8, not a JSON object with a
+    visible string 'text' and an integer 'label', or a label outside 0..n_labels-1 (n_labels None: any
+    label >= 0). A UTF-8 byte-order mark opening the file is read past, as artifacts.read_jsonl does;
+    blank lines are skipped, as the reader skips them; a file without a row is unusable too."""
     if not path.is_file():
-        raise DataFileError(f"data file {path} does not exist (paths.data_dir={path.parent.parent}).")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataFileError([f"data file {path} {what} (paths.data_dir={path.parent.parent})."])
     counts: dict[int, int] = {}
+    bad: list[str] = []
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataFileError(f"{path}:{line_no} is not UTF-8 ({error.reason} at byte {error.start}).") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text, label = row["text"], row["label"]
-                if not (isinstance(text, str) and text.strip() and type(label) is int):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataFileError(f"{path}:{line_no} is not a JSON object with a non-empty string 'text' "
-                                    "and an integer 'label'.") from None
-            if label < 0 or (n_labels is not None and label >= n_labels):
-                bound = f"0..{n_labels - 1}" if n_labels is not None else "the non-negative integers"
-                raise DataFileError(f"{path}:{line_no} has label {label}, outside {bound}.")
-            counts[label] = counts.get(label, 0) + 1
-    if not counts:
-        raise DataFileError(f"{path} has no examples.")
+            if problem := _row_problem(raw, line_no, n_labels, counts):
+                bad.append(f"{path}:{line_no} {problem}")
+    if len(bad) > MAX_LISTED_ROWS:
+        bad = [*bad[:MAX_LISTED_ROWS], f"{path}: {len(bad) - MAX_LISTED_ROWS} more bad rows after these."]
+    if not bad and not counts:
+        bad = [f"{path} has no examples."]
+    if bad:
+        raise DataFileError(bad)
     return counts
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _row_problem(raw: bytes, line_no: int, n_labels: int | None, counts: dict[int, int]) -> str | None:
+    """Why one row is unusable (None when it is fine: then it is counted)."""
+    try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        return f"is not UTF-8 ({error.reason} at byte {error.start})."
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+        text, label = row["text"], row["label"]
+        if not (isinstance(text, str) and visible(text) and type(label) is int):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return ("is not a JSON object with a non-empty string 'text' (with a visible character, not only "
+                "spaces or control characters) and an integer 'label'.")
+    if label < 0 or (n_labels is not None and label >= n_labels):
+        bound = f"0..{n_labels - 1}" if n_labels is not None else "the non-negative integers"
+        return f"has label {label}, outside {bound}."
+    counts[label] = counts.get(label, 0) + 1
+    return None
 
 
 def read_hub(task: DictConfig, split: str) -> list[dict]:

@@ -62,6 +62,12 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def class_key(k: int, label: str) -> str:
+    """One class as a key segment: its index keeps classes apart whose names slug alike ("pos/neg" and
+    "pos neg"), its name keeps the key readable."""
+    return f"class{k}_{slug(label)}"
+
+
 def dataset_name(job_dir: Path) -> str:
     """The artifact name of the synthetic set a job directory holds: its directory is the job's identity
     (named after the hash of its science config)."""
@@ -100,7 +106,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _per_class(name: str, values: list[float], label_names: list[str]) -> dict:
-    return {f"{name}/{slug(label)}": v for label, v in zip(label_names, values, strict=True)}
+    return {f"{name}/{class_key(k, label)}": v for k, (label, v) in enumerate(zip(label_names, values, strict=True))}
 
 
 def headline(summary: dict, label_names: list[str]) -> dict:
@@ -184,7 +190,7 @@ class Tracker:
     def log_outer_step(self, k: int, r: int, record: dict[str, Any]) -> None:
         """One outer step of class k's round r."""
         self._append({"class": k, "round": r, **record})
-        series = f"{slug(self.label_names[k])}/round{r}"
+        series = f"{class_key(k, self.label_names[k])}/round{r}"
         metrics = {f"generate/{name}/{series}": value for name, value in record.items()
                    if name != "outer_step" and _is_number(value)}
         self._history("generate", {"generate/outer_step": record["outer_step"], **metrics})

@@ -218,7 +218,7 @@ def validate(cfg: DictConfig, tokenizer=None) -> None:
         try:
             counts = label_counts(split_path(cfg, task.train_split), input_checks.label_bound(cfg))
         except DataFileError as error:
-            problems.append(str(error))
+            problems += error.problems
         if counts and isinstance(gen.n_real, int) and gen.n_real > 0:
             kept = task.source_labels if task.source_labels is not None else range(n_labels)
             per_class = -(-gen.n_real // n_labels)
