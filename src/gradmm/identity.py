@@ -29,9 +29,10 @@ from gradmm.fingerprint import data_fingerprint
 # how often it saves (a new key is science until it is listed here). `stages` says how much of the
 # job to do, not what any stage makes; rounds_per_batch how many rounds share a model call (the same
 # rounds, up to float rounding), so a job can resume with another batching that fits its memory.
+# `data.transfer` only permits a source of another task, which data.synthetic_from already names.
 NON_SCIENCE_KEYS = ("validate_only", "resume", "stages", "tracker", "paths", "objective", "cache_targets",
                     "generation.checkpoint_every", "generation.rounds_per_batch", "privacy.budget_epsilon",
-                    "privacy.audit_dir")
+                    "privacy.audit_dir", "data.transfer")
 
 
 def is_science_key(key: str) -> bool:
