@@ -26,6 +26,7 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
     summary = json.loads((out / "summary.json").read_text())
     for key in ("n_synthetic", "grad_distance_mean", "grad_distance_set", "log_ppl_mean", "seconds"):
         assert key in summary
+    assert 0 < summary["cpu_seconds"]
     assert set(summary["random_baseline"]) == {"grad_distance_mean", "grad_distance_set", "grad_distance_union",
                                                "log_ppl_mean"}
     assert summary["n_synthetic"] == n_expected

@@ -36,6 +36,7 @@ def _job(root: Path, rho: float, *, finished: bool = True, failed: bool = False,
         write_json(path / "summary.json", {
             "n_synthetic": 10, "grad_distance_set": 0.1 / rho, "grad_distance_mean": 0.2 / rho,
             "log_ppl_mean": 6 + rho, "accuracy": 0.5 + rho / 4, "seconds": 12.0,
+            "cpu_seconds": 20.0 + rho,
             "random_baseline": {"grad_distance_set": 0.15},
         })
     if failed:
@@ -74,7 +75,21 @@ def test_tradeoff_points_are_each_finished_jobs_accuracy_against_its_loss_and_se
         job.label = job.path.name
     by_loss = report.tradeoff_points(loaded, "grad_distance_set")
     assert sorted(by_loss) == sorted((f"job-rho{rho}", 0.1 / rho, 0.5 + rho / 4, None) for rho in RHOS)
-    assert [x for _, x, _, _ in report.tradeoff_points(loaded, "seconds")] == [12.0] * len(RHOS)
+    assert sorted(x for _, x, _, _ in report.tradeoff_points(loaded, "cpu_seconds")) == [20.0 + r for r in RHOS]
+
+
+def test_the_tradeoff_figure_is_written_alone_for_a_readme(sweep, tmp_path):
+    figure = tmp_path / "figures" / "budget.svg"
+    report.main([str(tmp_path / "runs"), "--tradeoff-svg", str(figure)])
+    text = figure.read_text()
+    assert text.count("<svg") == 1 and "generation CPU seconds" in text
+    assert all(f"admm.rho={rho:g}" in text for rho in RHOS)
+
+
+def test_no_tradeoff_figure_from_unfinished_jobs_is_an_error_naming_the_file(tmp_path):
+    _job(tmp_path, 0.1, finished=False)
+    with pytest.raises(SystemExit, match="budget.svg"):
+        report.main([str(tmp_path / "runs"), "--tradeoff-svg", str(tmp_path / "budget.svg")])
 
 
 def test_report_is_self_contained(sweep, tmp_path):

@@ -22,7 +22,7 @@ DEV_METRICS = ("dev_accuracy", "train_loss")
 HEADLINE_COLUMNS = (
     "accuracy", "accuracy_std", "baseline/zero_shot/accuracy", "grad_distance_set", "grad_distance_union",
     "grad_distance_mean", "log_ppl_mean", "random_baseline/grad_distance_set", "n_synthetic", "filter/n_kept",
-    "seconds", "privacy/epsilon",
+    "seconds", "cpu_seconds", "privacy/epsilon",
 )
 HEADLINE_CONFIG = ("task.name", "admm.rho", "generation.rounds", "matching.distance", "privacy.name")
 

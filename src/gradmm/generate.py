@@ -32,7 +32,7 @@ from gradmm.matched import build_matched_gradient, text_features
 from gradmm.matching_context import MatchingContext, Projector
 from gradmm.models import LM, resolve_device
 from gradmm.projection import allowed_vocabulary
-from gradmm.scoring import score_and_write
+from gradmm.scoring import Clock, score_and_write
 from gradmm.target_cache import cached_targets, mechanism
 from gradmm.tasks import class_quotas
 from gradmm.tracking import Tracker
@@ -56,7 +56,7 @@ class AllRoundsFailed(RuntimeError):
     """No round produced a synthetic text."""
 
 
-def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: float) -> dict:
+def generate(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM, tracker: Tracker, started: Clock) -> dict:
     head = matched_gradient(cfg, setup, lm)
     targets, release = cached_targets(cfg, setup.real, lm.device, lambda: compute_targets(cfg, setup, lm, head))
     # From here on only the (noisy, under privacy=dp) targets and public configuration are readable.
@@ -93,7 +93,7 @@ def rescore(cfg: DictConfig, out_dir: Path, setup: Setup, lm: LM) -> None:
     rounds_dir = out_dir / "rounds"
     jobs = [(k, r) for k in range(len(cfg.task.label_names)) for r in range(cfg.generation.rounds)]
     rows = [row for job in jobs for row in _load_round(rounds_dir, *job)["rows"]]
-    score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, 0.0, [])
+    score_and_write(cfg, out_dir, setup, lm, head, targets, allowed, rows, Clock.start(), [])
 
 
 def compute_targets(cfg: DictConfig, setup: Setup, lm: LM, head) -> tuple[list, dict]:

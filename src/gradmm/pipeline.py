@@ -3,7 +3,6 @@ skipping what an earlier run of the same job already saved."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from gradmm.generate import generate, processes, rescore
 from gradmm.identity import provenance
 from gradmm.inputs import Setup
 from gradmm.models import attention_kept, load_lm, load_tokenizer
-from gradmm.scoring import leakage_audit
+from gradmm.scoring import Clock, leakage_audit
 from gradmm.tasks import generator_examples
 from gradmm.tracking import Tracker
 from gradmm.validation import ConfigError, check_tokenizer
@@ -56,7 +55,7 @@ def run_job(cfg: DictConfig, out_dir: Path, tokenizer=None) -> dict:
 
 
 def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
-    started = time.perf_counter()
+    started = Clock.start()
     main_process = processes(cfg).is_main_process
     resume = manifest.verify(out_dir, remove_damaged=main_process) if cfg.resume else manifest.Resume()
     summary = resume.summary

@@ -115,8 +115,9 @@ def key_plot(jobs: list[Job], key: str, alone: bool) -> str | None:
 
 
 # What a budget buys: accuracy against what the generation reached and what it cost (summary.json keys).
+# CPU seconds, not wall seconds: a sweep's jobs share the machine, which stretches their wall time alike.
 TRADEOFF_AXES = (("grad_distance_set", "matching loss of the set (grad distance)"),
-                 ("seconds", "generation seconds (wall clock)"))
+                 ("cpu_seconds", "generation CPU seconds (all threads)"))
 
 
 def tradeoff_points(jobs: list[Job], key: str) -> list[tuple[str, float, float, float | None]]:
@@ -244,7 +245,9 @@ def _table(jobs: list[Job], keys: list[str]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def build_report(paths: list[Path], output: Path, n_texts: int = 3, title: str | None = None) -> Path:
+def build_report(paths: list[Path], output: Path, n_texts: int = 3, title: str | None = None,
+                 tradeoff_svg: Path | None = None) -> Path:
+    """The HTML page; with tradeoff_svg, also its accuracy-against-cost figure alone, for a README."""
     dirs = find_jobs(paths)
     if not dirs:
         raise SystemExit(f"no job directories (holding config.yaml) under {', '.join(map(str, paths))}")
@@ -253,6 +256,12 @@ def build_report(paths: list[Path], output: Path, n_texts: int = 3, title: str |
         for problem in job.broken:
             print(f"report: broken job {job.path}: {problem}", file=sys.stderr)
     artifacts.write_atomic(output, build_html(jobs, title or f"GRADMM runs: {', '.join(map(str, paths))}"))
+    if tradeoff_svg is not None:
+        figure = tradeoff_plot(jobs)
+        if figure is None:
+            raise SystemExit(f"no figure for {tradeoff_svg}: fewer than two finished jobs with an accuracy "
+                             "and a matching loss or CPU seconds")
+        artifacts.write_atomic(tradeoff_svg, figure)
     return output
 
 
@@ -261,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", type=Path, help="job directories, or folders to search for them")
     parser.add_argument("-o", "--output", type=Path, help="the HTML file (default: DIRS[0]/report.html)")
     parser.add_argument("--texts", type=int, default=3, help="synthetic texts shown per class and run")
+    parser.add_argument("--tradeoff-svg", type=Path,
+                        help="also write the accuracy against matching loss and CPU seconds figure to this file")
     args = parser.parse_args(argv)
     output = args.output or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent) / "report.html"
-    print(f"report: {build_report(args.dirs, output, args.texts)}")
+    print(f"report: {build_report(args.dirs, output, args.texts, tradeoff_svg=args.tradeoff_svg)}")
 
 
 if __name__ == "__main__":

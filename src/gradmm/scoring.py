@@ -4,6 +4,7 @@ baseline next to the synthetic set, and the post-hoc leakage audit."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,7 +72,21 @@ def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:
     return {**figures, "audit": "post hoc, never used by generation"}
 
 
-def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started, failed) -> dict:
+@dataclass(frozen=True)
+class Clock:
+    """When a job started, by the wall clock and by its process's CPU time (all threads). Jobs of a sweep
+    share the cores, so their wall seconds depend on what ran beside them; their CPU seconds do not."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def start(cls) -> Clock:
+        return cls(time.perf_counter(), time.process_time())
+
+
+def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, allowed, rows, started: Clock,
+                    failed) -> dict:
     """Scores the synthetic set, a random-token set of the same shape and the real examples, as a
     classifier reads them; writes synthetic.jsonl and summary.json."""
     texts, labels = [row["text"] for row in rows], [row["label"] for row in rows]
@@ -95,7 +110,8 @@ def score_and_write(cfg, out_dir: Path, setup: Setup, lm: LM, head, targets, all
         **_figures(synthetic),
         "random_baseline": _figures(random_scores),
         "real_examples": real_scores,
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started.wall,
+        "cpu_seconds": time.process_time() - started.cpu,
         "output_dir": str(out_dir),
         "failed_rounds": failed,
     }

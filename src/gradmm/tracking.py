@@ -112,8 +112,8 @@ def _per_class(name: str, values: list[float], label_names: list[str]) -> dict:
 def headline(summary: dict, label_names: list[str]) -> dict:
     """The job's summary.json as the flat figures a runs table sorts and filters on."""
     figures = {key: summary[key] for key in ("n_synthetic", "grad_distance_set", "grad_distance_union",
-                                             "grad_distance_mean", "log_ppl_mean", "seconds", "accuracy",
-                                             "accuracy_std") if key in summary}
+                                             "grad_distance_mean", "log_ppl_mean", "seconds", "cpu_seconds",
+                                             "accuracy", "accuracy_std") if key in summary}
     for scored in ("random_baseline", "real_examples"):
         figures.update({f"{scored}/{k}": v for k, v in (summary.get(scored) or {}).items()})
     if "per_class_accuracy" in summary:
