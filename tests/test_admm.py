@@ -77,7 +77,8 @@ def _context(lm):
 
 
 def _params(**changes):
-    return dataclasses.replace(AdmmParams(rho=0.5, outer_steps=3, inner_steps=2, lr=0.01, grad_clip=1.0), **changes)
+    return dataclasses.replace(AdmmParams(rho=0.5, outer_steps=3, inner_steps=2, lr=0.01, grad_clip=1.0,
+                                          checkpoint_every=1, patience=None), **changes)
 
 
 def test_rho_weighs_the_penalty_in_the_inner_loss(tiny_lm_factory):
@@ -99,7 +100,7 @@ def test_rho_weighs_the_penalty_in_the_inner_loss(tiny_lm_factory):
 
 def _round(lm, ctx, admm, project):
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
-    init = Initialisation("random", batch_size=4, seq_len=5)
+    init = Initialisation("random", batch_size=4, seq_len=5, temperature=1.0, lm_topk=50, candidates=None)
     state = start_round(lm, admm, init, ctx, allowed, [42], [torch.Generator().manual_seed(5)])
     checkpoints = []
     results = run_round(lm, admm, project, ctx, allowed, [42], state, on_checkpoint=checkpoints.append)

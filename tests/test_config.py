@@ -1,5 +1,6 @@
 """Composition of the real configs, and validation before any model is loaded."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,10 +12,14 @@ from conftest import CONF_DIR, DATA_DIR, REPO, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
+
+from gradmm.admm import AdmmParams, Initialisation
 
 from gradmm.generate import matched_gradient, round_settings
 from gradmm.pipeline import prepare
+from gradmm.schemas import Config
 from gradmm.tuning import FineTuning
 from gradmm.validation import ConfigError, validate
 
@@ -49,6 +54,49 @@ def test_every_option_of_every_group_composes_validates_and_builds(group, option
         lm = tiny_lm_factory()
         matched = matched_gradient(cfg, prepare(cfg, lm.tokenizer), lm)
         assert matched.describe()
+
+
+def _differences(schema: dict, composed: dict, prefix: str = "") -> dict:
+    """Each key whose schema default is set and differs from the composed value: (schema, composed)."""
+    found = {}
+    for key, default in schema.items():
+        value = composed.get(key, "<absent>")
+        if isinstance(default, dict) and isinstance(value, dict) and "_target_" not in default:
+            found |= _differences(default, value, f"{prefix}{key}.")
+        elif default != "???" and default != value:
+            found[f"{prefix}{key}"] = (default, value)
+    return found
+
+
+def test_the_schema_defaults_are_the_default_options():
+    """The yaml is the one source of each default: what the schema fills in for a key an option leaves
+    out is what the default config composes to."""
+    schema = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False)
+    composed = OmegaConf.to_container(compose_config(), resolve=False)
+    assert _differences(schema, composed) == {}
+
+
+def test_a_schema_default_unlike_the_yaml_is_found():
+    assert _differences({"matching": {"kind": "output_layer", "loss": "???"}},
+                        {"matching": {"kind": "parameters", "loss": "label_words"}}) == {
+        "matching.kind": ("output_layer", "parameters")}
+
+
+def _targets(group: str, key: str) -> list[type]:
+    return [get_class(OmegaConf.select(compose_config([f"{group}={option}"]), key)._target_)
+            for option in _options(group)]
+
+
+def test_what_is_built_from_the_config_has_no_defaults_of_its_own():
+    """Projectors, fine-tuning methods and the round's settings take every value from the config, so a
+    default cannot drift from the yaml's."""
+    built = [AdmmParams, Initialisation, *_targets("projector", "projector"),
+             *_targets("evaluate/method", "evaluate.method")]
+    with_defaults = {cls.__name__: [f.name for f in dataclasses.fields(cls)
+                                    if f.default is not dataclasses.MISSING
+                                    or f.default_factory is not dataclasses.MISSING]
+                     for cls in built}
+    assert {name: found for name, found in with_defaults.items() if found} == {}
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

@@ -39,9 +39,9 @@ class AdmmParams:
     lr: float
     grad_clip: float
     # Checkpoint the round in progress every this many outer steps.
-    checkpoint_every: int = 1
+    checkpoint_every: int
     # End the round after this many outer steps in a row that lower no group's best discrete loss.
-    patience: int | None = None
+    patience: int | None
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class Initialisation:
     method: str
     batch_size: int
     seq_len: int
-    temperature: float = 1.0
-    lm_topk: int = 50
-    candidates: int | None = None
+    temperature: float
+    lm_topk: int
+    candidates: int | None
 
 
 class NumericalFault(RuntimeError):

@@ -147,10 +147,10 @@ class ExactMatchingLM:
     deeper matched gradient every candidate runs the whole network, about 3x the inner steps of an outer
     step on a CPU (experiments/results/benchmark.md)."""
 
-    topk: int = 200
-    lm_topk: int = 50
-    exact_candidates: int = 4
-    match_weight: float = 5000.0
+    topk: int
+    lm_topk: int
+    exact_candidates: int
+    match_weight: float
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
         return Projected(project_matching_lm_exact(
@@ -303,10 +303,10 @@ class MatchingLM:
     loss; the most promising single swaps per row checked exactly in one batched pass, their combination
     in another (project_matching_lm)."""
 
-    topk: int = 200
-    lm_topk: int = 50
-    match_weight: float = 5000.0
-    swaps_per_row: int = 4
+    topk: int
+    lm_topk: int
+    match_weight: float
+    swaps_per_row: int
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
         return project_matching_lm(lm, points, current, allowed, ctx, topk=self.topk, lm_topk=self.lm_topk,

@@ -145,7 +145,7 @@ class Nearest:
 class TopkLM:
     """The paper's: among the top-k allowed tokens by cosine, the LM's favourite."""
 
-    topk: int = 200
+    topk: int
 
     def __call__(self, lm, points, current, allowed, ctx, prefix_ids):
         return Projected(project_topk_lm(lm, points, allowed, self.topk, prefix_ids))

@@ -124,8 +124,8 @@ class GenerationConfig:
 class MatchingConfig:
     # What is matched (gradmm.matched): output_layer (closed form, the paper's), parameters (the linear
     # layers whose names match `modules`), lora (rank-`lora_rank` adapters at initialisation on them).
-    kind: str = "output_layer"
-    modules: list[str] = field(default_factory=list)
+    kind: str = "parameters"
+    modules: list[str] = "${model.class_signal_modules}"
     lora_rank: int = 8
     lora_seed: int = 0
     loss: str = "label_words"
@@ -207,7 +207,7 @@ class TrackerConfig:
 @dataclass
 class PathsConfig:
     # None reads datasets from the Hugging Face hub; a folder reads <data_dir>/<task>/<split>.jsonl.
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = "${oc.env:GRADMM_DATA_DIR,../shared/data}"
     output_root: str = "outputs"
     cache_dir: str = "${oc.env:GRADMM_CACHE,${oc.env:HOME}/.cache/gradmm}"
     # Per-class target gradients shared by the jobs of a sweep (gradmm.target_cache): on a cluster, a

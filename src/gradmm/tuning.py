@@ -85,8 +85,8 @@ class LoRA(FineTuning):
     """Low-rank adapters on every linear layer but the output layer (peft's "all-linear"); the base
     weights never change, checkpoints hold the adapters only."""
 
-    r: int = 8
-    alpha: float = 16.0
+    r: int
+    alpha: float
     name: ClassVar[str] = "lora"
 
     def __post_init__(self):
