@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from gradmm.admm import AdmmParams, Initialisation
-
 from gradmm.generate import matched_gradient, round_settings
 from gradmm.pipeline import prepare
 from gradmm.schemas import Config
