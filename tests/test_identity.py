@@ -7,8 +7,8 @@ from conftest import CONF_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmm.identity import NON_SCIENCE_KEYS, is_science_key, science_config, science_hash
-from gradmm.job_dirs import Job, flatten
+from gradmm.identity import NON_SCIENCE_KEYS, flatten, is_science_key, science_config, science_hash
+from gradmm.job_dirs import Job
 from gradmm.report import differing_keys
 from gradmm.schemas import Config
 from gradmm.sweeps import sweep_name

@@ -11,6 +11,7 @@ from conftest import REPO, TINY, compose_config, load_script
 
 from gradmm.artifacts import read_jsonl
 from gradmm.generate import round_settings
+from gradmm.metrics import TEXT_SET_FIGURES
 from gradmm.pipeline import run_job
 
 
@@ -24,11 +25,10 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
             "primal_residual", "seconds"} <= metrics[0].keys()
     assert all(m["projection_seconds"] < m["seconds"] for m in metrics if m["outer_step"] > 0)
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("n_synthetic", "grad_distance_mean", "grad_distance_set", "log_ppl_mean", "seconds"):
+    for key in ("n_synthetic", *(m.key for m in TEXT_SET_FIGURES), "seconds"):
         assert key in summary
     assert 0 < summary["cpu_seconds"]
-    assert set(summary["random_baseline"]) == {"grad_distance_mean", "grad_distance_set", "grad_distance_union",
-                                               "log_ppl_mean"}
+    assert set(summary["random_baseline"]) == {m.key for m in TEXT_SET_FIGURES}
     assert summary["n_synthetic"] == n_expected
     assert (out / "config.yaml").is_file()
     return rows, summary

@@ -10,7 +10,7 @@ from conftest import TINY, compose_config, quotas
 
 import gradmm.generate as generate
 import gradmm.pipeline as pipeline
-from gradmm import privacy
+from gradmm import ledger, privacy
 from gradmm.gradients import GradFeatures, OutputLayer, mean_gradient
 from gradmm.inputs import Setup
 from gradmm.target_cache import mechanism
@@ -40,8 +40,8 @@ def _analytic_gaussian_sigma(epsilon: float, delta: float) -> float:
 @pytest.mark.parametrize("epsilon,delta", [(0.5, 1e-5), (1.0, 1e-5), (4.0, 1e-6), (8.0, 1e-3)])
 def test_noise_multiplier_is_the_smallest_that_meets_the_budget(epsilon, delta):
     sigma = privacy.noise_multiplier(epsilon, delta)
-    assert privacy.spent_epsilon(sigma, delta) <= epsilon * (1 + 1e-3)
-    assert privacy.spent_epsilon(sigma * 0.97, delta) > epsilon
+    assert ledger.composed_epsilon((sigma,), delta) <= epsilon * (1 + 1e-3)
+    assert ledger.composed_epsilon((sigma * 0.97,), delta) > epsilon
     # The accountant's discretisation is pessimistic: never below the exact value, and close to it.
     exact = _analytic_gaussian_sigma(epsilon, delta)
     assert exact * (1 - 1e-3) <= sigma <= exact * 1.02

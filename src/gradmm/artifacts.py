@@ -54,6 +54,18 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The one JSONL reader: UTF-8, a byte-order mark opening the file read past (editors on Windows
-    write one), blank lines skipped."""
+    write one), blank lines skipped, each line a JSON object; a ValueError names the first line that is
+    not one."""
+    rows = []
     with Path(path).open(encoding="utf-8-sig") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"line {line_no}: {error}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {line_no}: holds a {type(row).__name__}, not a mapping")
+            rows.append(row)
+    return rows

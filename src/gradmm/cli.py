@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from gradmm import artifacts
 from gradmm.generate import processes
+from gradmm.metrics import TEXT_SET_FIGURES
 from gradmm.models import load_tokenizer
 from gradmm.pipeline import prepare, run_job
 from gradmm.sweeps import objective_value
@@ -69,14 +70,12 @@ def _raise_interrupt(signum, frame):
 def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
     print(f"\nOutputs in {out_dir}/ (summary.json, synthetic.jsonl, metrics.jsonl, config.yaml, ...)")
     if "n_synthetic" in summary:
-        print(f"{'':24}{'grad_distance_set':>18}{'grad_distance_union':>20}{'grad_distance_mean':>20}"
-              f"{'log_ppl_mean':>14}")
+        print(f"{'':24}" + "".join(f"{m.key:>21}" for m in TEXT_SET_FIGURES))
         for name, figures in [("synthetic", summary), ("random tokens", summary["random_baseline"]),
                               ("real examples", summary["real_examples"])]:
             if figures is None:  # privacy=dp: the real examples were not reachable
                 continue
-            print(f"{name:24}{figures['grad_distance_set']:>18.4f}{figures['grad_distance_union']:>20.4f}"
-                  f"{figures['grad_distance_mean']:>20.4f}{figures['log_ppl_mean']:>14.2f}")
+            print(f"{name:24}" + "".join(f"{figures[m.key]:>21.4f}" for m in TEXT_SET_FIGURES))
         rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
         print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
         for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:

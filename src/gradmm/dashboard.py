@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 
+from gradmm.metrics import HEADLINE
 from gradmm.tracking import has_api_key
 
 GENERATION_METRICS = ("grad_distance_z", "grad_distance_x", "log_ppl_z", "primal_residual")
 DEV_METRICS = ("dev_accuracy", "train_loss")
-HEADLINE_COLUMNS = (
-    "accuracy", "accuracy_std", "baseline/zero_shot/accuracy", "grad_distance_set", "grad_distance_union",
-    "grad_distance_mean", "log_ppl_mean", "random_baseline/grad_distance_set", "n_synthetic", "filter/n_kept",
-    "seconds", "cpu_seconds", "privacy/epsilon",
-)
+HEADLINE_COLUMNS = (*HEADLINE, "baseline/zero_shot/accuracy", "random_baseline/grad_distance_set", "filter/n_kept",
+                    "privacy/epsilon")
 HEADLINE_CONFIG = ("task.name", "admm.rho", "generation.rounds", "matching.distance", "privacy.name")
 
 

@@ -56,6 +56,17 @@ def unsafe_name(key: str, value: Any) -> str | None:
             "letter or digit.")
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """Nested dicts as one level of dotted keys (`admm.rho`), the way overrides name them."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def science_config(cfg: DictConfig) -> dict:
     """cfg resolved, without hydra's node and NON_SCIENCE_KEYS."""
     science = {

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts
+from gradmm import artifacts, manifest
 from gradmm.fingerprint import data_fingerprint, private_examples_id
 from gradmm.identity import science_config, science_hash
 
@@ -120,14 +120,14 @@ def log_resume(cfg: DictConfig, out_dir: Path) -> None:
     """What a resumed run finds, before it does any work."""
     summary = _json(out_dir / "summary.json") or {}
     n_rounds = len(cfg.task.label_names) * cfg.generation.rounds
-    done = len(list((out_dir / "rounds").glob("class*_round*.json")))
+    rounds_done = len(list((out_dir / "rounds").glob("class*_round*.json")))
     in_progress = sorted(p.name for p in (out_dir / "rounds").glob("*.state.pt"))
     trained = len(list((out_dir / "evaluation").glob("*.json")))
-    stages = {"generate": "n_synthetic" in summary, "filter": "filter" in summary, "evaluate": "accuracy" in summary}
-    pending = [stage for stage in cfg.stages if not stages.get(stage)]
+    stages_done = manifest.done_stages(summary)
+    pending = [stage for stage in cfg.stages if stage not in stages_done]
     log.info("resuming the job in %s: %d of %d rounds done%s; filter %s; %d trained model(s) done; %s",
-             out_dir, done, n_rounds, f" ({', '.join(in_progress)} in progress)" if in_progress else "",
-             "done" if stages["filter"] else "not done", trained,
+             out_dir, rounds_done, n_rounds, f" ({', '.join(in_progress)} in progress)" if in_progress else "",
+             "done" if "filter" in stages_done else "not done", trained,
              f"continuing with {pending[0]}" if pending else "every stage asked for is done")
 
 

@@ -15,6 +15,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from gradmm import artifacts
+from gradmm.identity import flatten
+from gradmm.manifest import done_stages
 from gradmm.sweeps import ERROR_FILE
 
 
@@ -35,7 +38,7 @@ class Job:
             return "broken"
         if self.error is not None:
             return "failed"
-        return "done" if "n_synthetic" in self.summary or "accuracy" in self.summary else "unfinished"
+        return "done" if {"generate", "evaluate"} & set(done_stages(self.summary)) else "unfinished"
 
 
 def find_jobs(paths: list[Path]) -> list[Path]:
@@ -48,21 +51,12 @@ def find_jobs(paths: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        flat = {}
-        for key, value in node.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
 def load_job(path: Path, n_texts: int) -> Job:
     """What the job directory holds; a file that cannot be read makes the job broken, never the report."""
     job = Job(path, {})
     job.config = _read(job, path / "config.yaml", _config, {})
     job.summary = _read(job, path / "summary.json", lambda p: _mapping(json.loads(p.read_text())), {})
-    job.metrics = _read(job, path / "metrics.jsonl", _jsonl, [])
+    job.metrics = _read(job, path / "metrics.jsonl", artifacts.read_jsonl, [])
     job.error = _read(job, path / ERROR_FILE, lambda p: _mapping(json.loads(p.read_text())), None)
     for name in ("synthetic_filtered.jsonl", "synthetic.jsonl"):
         if (path / name).is_file():
@@ -95,19 +89,8 @@ def _mapping(value: Any) -> dict:
     return value
 
 
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(_mapping(json.loads(line)))
-            except ValueError as error:
-                raise ValueError(f"line {line_no}: {error}") from None
-    return rows
-
-
 def _texts(path: Path) -> list[dict]:
-    rows = _jsonl(path)
+    rows = artifacts.read_jsonl(path)
     for line_no, row in enumerate(rows, 1):
         if not (isinstance(row.get("text"), str) and isinstance(row.get("label"), int)
                 and numeric([row.get("grad_distance", 0.0)])):

@@ -58,7 +58,7 @@ import torch
 from dp_accounting import pld
 
 from gradmm.gradients import GradFeatures
-from gradmm.ledger import MECHANISM, SENSITIVITY
+from gradmm.ledger import MECHANISM, SENSITIVITY, composed_epsilon
 from gradmm.text import jaccard, words
 
 ACCOUNTANT = "dp_accounting.pld.PLDAccountant"
@@ -131,13 +131,6 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
                                                       epsilon, delta))
 
 
-@functools.cache
-def spent_epsilon(sigma: float, delta: float) -> float:
-    accountant = pld.PLDAccountant()
-    accountant.compose(dp_accounting.GaussianDpEvent(sigma))
-    return float(accountant.get_epsilon(delta))
-
-
 def clip(feats: GradFeatures, max_norm: float) -> GradFeatures:
     """Each example's gradient rescaled to Frobenius norm at most max_norm."""
     norms = feats.self_kernel().clamp_min(0).sqrt()
@@ -190,7 +183,7 @@ def release_facts(p: Mechanism) -> dict:
     records and the budget is checked against."""
     sigma = noise_multiplier(p.epsilon, p.delta)
     sensitivity = p.clip * SENSITIVITY[p.relation]
-    return {"epsilon": p.epsilon, "delta": p.delta, "spent_epsilon": spent_epsilon(sigma, p.delta),
+    return {"epsilon": p.epsilon, "delta": p.delta, "spent_epsilon": composed_epsilon((sigma,), p.delta),
             "noise_multiplier": sigma, "noise_std": sigma * sensitivity, "clip": p.clip, "relation": p.relation,
             "sensitivity": sensitivity, "mechanism": MECHANISM, "accountant": ACCOUNTANT}
 

@@ -29,16 +29,11 @@ from matplotlib.figure import Figure
 
 from gradmm import artifacts
 from gradmm.identity import is_science_key
-from gradmm.job_dirs import Job, find_jobs, flatten, load_job, numeric  # noqa: F401 - the report's API
+from gradmm.job_dirs import Job, find_jobs, load_job, numeric
+from gradmm.metrics import OBJECTIVES
 
 # Final figures: (summary.json key, column title, better when lower).
-FIGURES = (
-    ("grad_distance_set", "grad distance (set)", True),
-    ("grad_distance_union", "grad distance (union)", True),
-    ("grad_distance_mean", "grad distance (mean)", True),
-    ("log_ppl_mean", "log-perplexity", True),
-    ("accuracy", "accuracy", False),
-)
+FIGURES = tuple((m.key, m.title, m.lower_is_better) for m in OBJECTIVES)
 CURVES = (("grad_distance_z", "gradient distance of the projected tokens"), ("log_ppl_z", "log-perplexity"))
 
 

@@ -14,6 +14,7 @@ from gradmm import artifacts, privacy
 from gradmm.gradients import balanced_union_distance, example_distances, set_distance
 from gradmm.inputs import Setup
 from gradmm.matched import text_features
+from gradmm.metrics import TEXT_SET_FIGURES
 from gradmm.models import LM, mean_nll
 from gradmm.projection import random_allowed_tokens
 from gradmm.tasks import generator_examples
@@ -47,7 +48,7 @@ def score_texts(lm: LM, setup: Setup, head, targets, texts: list[str], labels: l
 
 
 def _figures(scores: dict) -> dict:
-    return {k: scores[k] for k in ("grad_distance_mean", "grad_distance_set", "grad_distance_union", "log_ppl_mean")}
+    return {m.key: scores[m.key] for m in TEXT_SET_FIGURES}
 
 
 def leakage_audit(cfg: DictConfig, out_dir: Path) -> dict:

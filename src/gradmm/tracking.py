@@ -31,6 +31,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gradmm import artifacts
+from gradmm.identity import flatten
+from gradmm.metrics import HEADLINE
 from gradmm.sweeps import MAX_TAG, SWEEP_GROUP_ENV, job_overrides
 
 log = logging.getLogger(__name__)
@@ -74,17 +76,6 @@ def dataset_name(job_dir: Path) -> str:
     return f"synthetic-{slug(Path(job_dir).resolve().name)}"
 
 
-def flat(values: dict, prefix: str = "") -> dict:
-    """Nested dicts as one level of dotted keys (`admm.rho`), the way overrides name them."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def summary_rule(key: str) -> str | None:
     """How W&B summarises a curve: the best value, which is the smallest distance or loss and the
     largest accuracy; None keeps W&B's default (the last value). Keys name their metric second:
@@ -111,9 +102,7 @@ def _per_class(name: str, values: list[float], label_names: list[str]) -> dict:
 
 def headline(summary: dict, label_names: list[str]) -> dict:
     """The job's summary.json as the flat figures a runs table sorts and filters on."""
-    figures = {key: summary[key] for key in ("n_synthetic", "grad_distance_set", "grad_distance_union",
-                                             "grad_distance_mean", "log_ppl_mean", "seconds", "cpu_seconds",
-                                             "accuracy", "accuracy_std") if key in summary}
+    figures = {key: summary[key] for key in HEADLINE if key in summary}
     for scored in ("random_baseline", "real_examples"):
         figures.update({f"{scored}/{k}": v for k, v in (summary.get(scored) or {}).items()})
     if "per_class_accuracy" in summary:
@@ -128,7 +117,7 @@ def headline(summary: dict, label_names: list[str]) -> dict:
     if "failed_rounds" in summary:
         figures["n_failed_rounds"] = len(summary["failed_rounds"])
     if "filter" in summary:
-        figures.update({f"filter/{k}": v for k, v in flat(summary["filter"]).items()})
+        figures.update({f"filter/{k}": v for k, v in flatten(summary["filter"]).items()})
     figures.update({f"leakage/{k}": v for k, v in summary.get("leakage", {}).items() if _is_number(v)})
     if "privacy" in summary:
         release = summary["privacy"]
@@ -178,7 +167,7 @@ class Tracker:
                 job_type=job_type or "+".join(cfg.stages),
                 mode=mode,
                 dir=str(out_dir),
-                config=flat(OmegaConf.to_container(cfg, resolve=True)),
+                config=flatten(OmegaConf.to_container(cfg, resolve=True)),
                 settings=wandb.Settings(init_timeout=60, console="off"),
             )
         except Exception as error:  # noqa: BLE001 - W&B must never stop a run

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradmm import input_checks
 from gradmm.generate import build_projector
 from gradmm.matched import MATCHED_GRADIENTS
+from gradmm.metrics import OBJECTIVES
 from gradmm.projection import allowed_vocabulary
 from gradmm.sweeps import in_multirun
 from gradmm.tasks import DataFileError, Verbalizer, label_counts, split_path
@@ -38,9 +39,6 @@ BASELINES = ("zero_shot", "few_shot", "real_seen", "real_random")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
-# Objective metrics (summary.json keys) and the stage that writes each.
-OBJECTIVES = {"grad_distance_set": "generate", "grad_distance_union": "generate", "grad_distance_mean": "generate",
-              "log_ppl_mean": "generate", "accuracy": "evaluate"}
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -278,11 +276,12 @@ def _sweeper_direction() -> str | None:
 
 def _check_objective(problems: list[str], cfg: DictConfig) -> None:
     metric = cfg.objective.metric
-    _choice(problems, "objective.metric", metric, tuple(OBJECTIVES))
+    stages = {m.key: m.stage for m in OBJECTIVES}
+    _choice(problems, "objective.metric", metric, tuple(stages))
     _choice(problems, "objective.direction", cfg.objective.direction, DIRECTIONS)
     # Only a sweep reads the objective; a single run of other stages need not produce it.
-    if metric in OBJECTIVES and OBJECTIVES[metric] not in cfg.stages and in_multirun():
-        problems.append(f"objective.metric={metric!r} is written by the {OBJECTIVES[metric]} stage, "
+    if metric in stages and stages[metric] not in cfg.stages and in_multirun():
+        problems.append(f"objective.metric={metric!r} is written by the {stages[metric]} stage, "
                         f"which stages={list(cfg.stages)} does not run.")
     sweeper_direction = _sweeper_direction()
     if sweeper_direction is not None and sweeper_direction != cfg.objective.direction:
