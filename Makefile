@@ -42,8 +42,8 @@ validate: setup  ## check a config (ARGS="...") without loading a model
 test: setup  ## the whole test suite (CI runs this)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup  ## tests that do not load the embedded model
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: setup  ## the unit tests, on two processes (under 3 minutes on 2 cores): no embedded model, no whole jobs
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests run.py experiments benchmarks
@@ -55,7 +55,7 @@ bench-smoke: setup  ## the same on a tiny random model in seconds (tests/test_be
 	$(BIN)/python benchmarks/bench.py --smoke $(ARGS)
 
 compare: setup  ## one self-contained HTML page comparing the jobs under RUNS="dir ..." (e.g. a sweep's)
-	$(BIN)/python -m gradmm.report $(RUNS)
+	$(BIN)/python -m gradmm.reporting.report $(RUNS)
 
 wandb-sync: setup  ## upload the offline W&B runs of the jobs under RUNS (needs a W&B API key)
 	@# Sorted: a resumed job's runs (offline-run-<date>_<time>-<id>) replay oldest first.
@@ -63,7 +63,7 @@ wandb-sync: setup  ## upload the offline W&B runs of the jobs under RUNS (needs 
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under $(RUNS)"; else $(BIN)/wandb sync --yes $$runs; fi
 
 wandb-workspace: setup  ## save a W&B workspace to start from in PROJECT= (online; never needed for a run)
-	$(BIN)/python -m gradmm.dashboard --project $(PROJECT) $(if $(ENTITY),--entity $(ENTITY))
+	$(BIN)/python -m gradmm.reporting.dashboard --project $(PROJECT) $(if $(ENTITY),--entity $(ENTITY))
 
 clean:  ## remove run outputs (not .venv/)
 	rm -rf outputs

@@ -4,8 +4,8 @@ import hydra
 from omegaconf import DictConfig
 
 from gradmm.cli import main as run_pipeline
-from gradmm.schemas import register_configs
-from gradmm.sweeps import sweep_job
+from gradmm.config.schemas import register_configs
+from gradmm.runs.sweeps import sweep_job
 
 register_configs()
 

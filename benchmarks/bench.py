@@ -41,17 +41,22 @@ import transformers
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gradmm import artifacts
-from gradmm.admm import inner_step, run_round, start_round
-from gradmm.generate import class_objective, compute_targets, matched_gradient, round_settings
-from gradmm.matching_context import MatchingContext
-from gradmm.matching_projection import project_matching_lm, project_matching_lm_exact
-from gradmm.models import LM, load_lm, mean_nll
+from gradmm.config.schemas import register_configs
+from gradmm.config.validation import validate
+from gradmm.data.models import LM, load_lm, mean_nll
+from gradmm.method.admm import inner_step, run_round, start_round
+from gradmm.method.projectors import (
+    MatchingContext,
+    allowed_vocabulary,
+    decode,
+    project_matching_lm,
+    project_matching_lm_exact,
+    project_topk_lm,
+)
 from gradmm.pipeline import prepare
-from gradmm.projection import allowed_vocabulary, decode, project_topk_lm
-from gradmm.schemas import register_configs
-from gradmm.tracking import Tracker
-from gradmm.validation import validate
+from gradmm.reporting.tracking import Tracker
+from gradmm.runs import files
+from gradmm.stages.generate import class_objective, compute_targets, matched_gradient, round_settings
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FULL = {"batch_sizes": (8, 32), "seq_lens": (16, 64), "repeats": 3, "plain_matching_max_tokens": 0,
@@ -474,7 +479,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "mode": "smoke" if args.smoke else "full", "overrides": mode["overrides"] + args.overrides,
             "projector_config": OmegaConf.to_container(cfg.projector)}
     records = [{**r, "machine": info} for r in records]
-    artifacts.write_json(args.out, records)
+    files.write_json(args.out, records)
     log_to_tracker(cfg, records, Path(args.out).parent / "runs")
     print_table(records)
     print(f"load average {info['load_average_1min']:.1f} -> {info['load_average_1min_end']:.1f} "

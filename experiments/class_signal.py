@@ -14,7 +14,7 @@ k whose target its own gradient, taken with label k, matches best by cosine; "ca
 class's scores over the rows first, as the filter's zero-shot classifier is centred.
 
 One forward and one backward per row and class give every linear layer's per-example gradient in the
-Gram form (gradmm.matched), so every group's cosine is a sum of per-layer pieces: all groups cost about
+Gram form (gradmm.method.matched_gradient), so every group's cosine is a sum of per-layer pieces: all groups cost about
 as much as one. Reference points: the calibrated zero-shot classifier, the nearest class mean of the
 final hidden states. Near 1/n_classes means matching that group is nearly blind to the classes.
 Prints and writes one JSON object whose `groups` list is sorted by calibrated accuracy.
@@ -32,22 +32,23 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from gradmm.finetune import Classifier, make_splits
-from gradmm.generate import matched_gradient
-from gradmm.gradients import GradFeatures, OutputLayer, class_targets, example_distances
-from gradmm.identity import code_version
-from gradmm.matched import (
+from gradmm.config.schemas import register_configs
+from gradmm.config.validation import validate
+from gradmm.data.models import load_lm
+from gradmm.data.tasks import load_split, stratified_sample
+from gradmm.method.gradients import GradFeatures, OutputLayer, class_targets, example_distances
+from gradmm.method.matched_gradient import (
     OutputLayerGradient,
     ParameterGradient,
     lora_projections,
     select_linear_modules,
     text_features,
 )
-from gradmm.models import load_lm
 from gradmm.pipeline import prepare
-from gradmm.schemas import register_configs
-from gradmm.tasks import load_split, stratified_sample
-from gradmm.validation import validate
+from gradmm.runs.manifest import code_version
+from gradmm.stages.classifier import Classifier
+from gradmm.stages.evaluate import make_splits
+from gradmm.stages.generate import matched_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 N_HELD_OUT = 150

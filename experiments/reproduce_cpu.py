@@ -52,11 +52,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from gradmm import artifacts
-from gradmm.identity import science_hash
+from gradmm.config.schemas import register_configs
+from gradmm.config.validation import validate
 from gradmm.pipeline import run_job
-from gradmm.schemas import register_configs
-from gradmm.validation import validate
+from gradmm.runs import files
+from gradmm.runs.identity import science_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     if partial:
         # Another --only run may have written its rows meanwhile: keep them, replace only ours.
         results = {**json.loads(results_path.read_text()), **{m: results[m] for m in results if m in measured}}
-    artifacts.write_json(results_path, results)
+    files.write_json(results_path, results)
     markdown = table(results, command, args.overrides)
-    artifacts.write_atomic(args.results_dir / f"{args.name}.md", markdown)
+    files.write_atomic(args.results_dir / f"{args.name}.md", markdown)
     print("\n" + markdown)
     return results
 

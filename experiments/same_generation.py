@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradmm.artifacts import read_jsonl
+from gradmm.runs.files import read_jsonl
 
 TIMINGS = ("seconds", "projection_seconds")
 

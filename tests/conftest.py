@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from gradmm.models import load_lm
-from gradmm.schemas import register_configs
-from gradmm.tasks import class_quotas
+from gradmm.config.schemas import register_configs
+from gradmm.data.models import load_lm
+from gradmm.data.tasks import class_quotas
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

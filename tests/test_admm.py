@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from gradmm.admm import (
+from gradmm.method.admm import (
     AdmmParams,
     Initialisation,
     initial_tokens,
@@ -16,12 +16,18 @@ from gradmm.admm import (
     select_matching_subset,
     start_round,
 )
-from gradmm.generate import round_settings
-from gradmm.gradients import GradFeatures, Objective, OutputLayer, mean_gradient, set_distance
-from gradmm.matched import OutputLayerGradient
-from gradmm.matching_context import MatchingContext, Projected
+from gradmm.method.gradients import GradFeatures, Objective, OutputLayer, mean_gradient, set_distance
+from gradmm.method.matched_gradient import OutputLayerGradient
+from gradmm.method.projectors import (
+    MatchingContext,
+    Nearest,
+    Projected,
+    allowed_vocabulary,
+    random_allowed_tokens,
+    sample_sequences,
+)
 from gradmm.pipeline import run_job
-from gradmm.projection import Nearest, allowed_vocabulary, random_allowed_tokens, sample_sequences
+from gradmm.stages.generate import round_settings
 
 
 def test_greedy_subset_recovers_the_rows_whose_mean_gradient_is_the_target():
@@ -45,6 +51,7 @@ def test_selection_keeps_batch_size_distinct_rows_and_never_a_worse_first_pick()
     assert picked[0] == singles.argmin()
 
 
+@pytest.mark.slow
 def test_init_candidates_draw_one_batched_sample_and_keep_its_best_matching_rows(tiny_cfg, tiny_lm_factory):
     lm = tiny_lm_factory(dtype="float64")
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])
@@ -137,6 +144,7 @@ def test_the_best_iterate_is_kept_not_the_last(tiny_lm_factory):
     assert ctx.group_losses(ctx.features(lm, result.tokens)).item() == pytest.approx(distances[best_step])
 
 
+@pytest.mark.slow
 def test_generation_matches_the_targets_better_than_random_tokens(tiny_cfg, tmp_path):
     tiny_cfg.admm.outer_steps, tiny_cfg.admm.inner_steps = 3, 5
     summary = run_job(tiny_cfg, tmp_path)

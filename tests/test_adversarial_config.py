@@ -10,7 +10,7 @@ import torch
 from conftest import CONF_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 
-from gradmm.validation import ConfigError, validate
+from gradmm.config.validation import ConfigError, validate
 
 DP = ["privacy=dp", "privacy.delta=1e-3"]
 EVALUATE = ["stages=[generate,evaluate]", "evaluate.train_on=synthetic", "evaluate.n_dev=4",

@@ -11,10 +11,10 @@ import time
 import pytest
 from conftest import DATA_DIR, REPO, TINY, compose_config
 
-from gradmm import fingerprint, job_dir
-from gradmm.identity import science_hash
-from gradmm.tasks import load_split
-from gradmm.validation import ConfigError, validate
+from gradmm.config.validation import ConfigError, validate
+from gradmm.data.tasks import load_split
+from gradmm.runs import identity, job_directory
+from gradmm.runs.identity import science_hash
 
 EVALUATE = ["stages=[generate,evaluate]", "evaluate.train_on=synthetic", "evaluate.n_dev=4",
             "evaluate.n_train=4", "evaluate.max_eval=8"]
@@ -69,7 +69,7 @@ def test_tweet_emotion_with_600_evaluation_examples_is_refused_before_generation
 
 def _source(data, path, *overrides):
     path.mkdir(parents=True)
-    job_dir.claim(compose_config([*TINY, f"paths.data_dir={data}", *overrides]), path)
+    job_directory.claim(compose_config([*TINY, f"paths.data_dir={data}", *overrides]), path)
     _write(path / "synthetic.jsonl", _rows(8))
     return path
 
@@ -149,8 +149,8 @@ def test_an_unreachable_hub_is_listed_not_raised_while_naming_the_job(monkeypatc
         raise ConnectionError("Couldn't reach 'stanfordnlp/sst2' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    monkeypatch.setattr(fingerprint, "_HUB_DIGESTS", {})
-    monkeypatch.setattr(fingerprint, "_HUB_ERRORS", {})
+    monkeypatch.setattr(identity, "_HUB_DIGESTS", {})
+    monkeypatch.setattr(identity, "_HUB_ERRORS", {})
     cfg = compose_config([*TINY, "paths.data_dir=null"])
     science_hash(cfg)  # what Hydra resolves to name the job directory
     _refused(["paths.data_dir=null"], "paths.data_dir=null reads split 'train'", "OfflineModeIsEnabled")

@@ -13,9 +13,11 @@ import torch
 from conftest import DATA_DIR, TINY, compose_config
 from test_faults import _poison
 
-from gradmm import fingerprint, generate, job_dir, pipeline
-from gradmm.identity import science_hash
-from gradmm.validation import ConfigError, validate
+import gradmm.pipeline as pipeline
+from gradmm.config.validation import ConfigError, validate
+from gradmm.runs import identity, job_directory
+from gradmm.runs.identity import science_hash
+from gradmm.stages import generate
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def hub(data, monkeypatch):
         return datasets.Dataset.from_list([{"sentence": r["text"], "label": r["label"]} for r in rows])
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    monkeypatch.setattr(fingerprint, "_HUB_DIGESTS", {})
+    monkeypatch.setattr(identity, "_HUB_DIGESTS", {})
     return calls
 
 
@@ -131,12 +133,12 @@ def test_a_hub_dataset_is_named_by_its_revision_and_the_rows_it_yields(privacy, 
     # The same id and revision serving other rows (an unpinned dataset updated upstream): another job,
     # from the next process on.
     _edit_line(data / "sst2" / "train.jsonl", 5, "changed upstream")
-    fingerprint._HUB_DIGESTS.clear()
+    identity._HUB_DIGESTS.clear()
     assert science_hash(_hub_cfg(*dp)) != before
 
 
 def test_the_hub_is_read_at_the_pinned_revision(data, hub):
-    from gradmm.tasks import load_split
+    from gradmm.data.tasks import load_split
 
     examples = load_split(_hub_cfg("task.hub_revision=abc123"), "train")
     assert len(examples) == 200 and hub[-1] == {"hub_id": "stanfordnlp/sst2", "split": "train", "revision": "abc123"}
@@ -153,9 +155,9 @@ def test_under_dp_no_plain_hash_of_the_private_file_is_published(data, tmp_path)
 
     cfg = _cfg(data, "privacy=dp", "privacy.delta=1e-3", f"paths.target_cache_dir={tmp_path / 'targets'}")
     plain = hashlib.sha256((data / "sst2" / "train.jsonl").read_bytes()).hexdigest()
-    record = json.dumps(job_dir.identity(cfg))
+    record = json.dumps(job_directory.identity(cfg))
     assert plain not in record and plain[:32] not in record
-    assert job_dir.identity(cfg)["data"] == job_dir.identity(cfg)["data"], "keyed, yet stable"
+    assert job_directory.identity(cfg)["data"] == job_directory.identity(cfg)["data"], "keyed, yet stable"
 
 
 # --- a directory holding another job (finding 1) ----------------------------------------------------
@@ -163,7 +165,7 @@ def test_under_dp_no_plain_hash_of_the_private_file_is_published(data, tmp_path)
 def _existing_job(cfg, path):
     """A finished job's directory, as run_job leaves it, without running the model."""
     path.mkdir(parents=True)
-    job_dir.claim(cfg, path)
+    job_directory.claim(cfg, path)
     (path / "config.yaml").write_text("seed: 0\n")
     (path / "summary.json").write_text(json.dumps({"n_synthetic": 4, "accuracy": 0.9}))
     return {p.name: p.read_bytes() for p in path.iterdir()}
@@ -184,7 +186,7 @@ def test_a_run_into_another_jobs_directory_is_refused_and_changes_nothing(change
     path = tmp_path / "X"
     before = _existing_job(_cfg(data, root=tmp_path), path)
     monkeypatch.setattr(pipeline, "load_tokenizer", lambda *a, **k: pytest.fail("refused before loading"))
-    with pytest.raises(job_dir.JobDirError) as refused:
+    with pytest.raises(job_directory.JobDirError) as refused:
         pipeline.run_job(_cfg(data, change, root=tmp_path), path)
     assert f"{path} holds another job's work" in str(refused.value)
     assert SCIENCE_CHANGES[change] in str(refused.value)
@@ -195,7 +197,7 @@ def test_a_run_over_edited_data_in_the_same_directory_is_refused(data, tmp_path)
     path = tmp_path / "X"
     before = _existing_job(_cfg(data, root=tmp_path), path)
     _edit_line(data / "sst2" / "train.jsonl", 5, "edited")
-    with pytest.raises(job_dir.JobDirError, match=r"data_files\.train: "):
+    with pytest.raises(job_directory.JobDirError, match=r"data_files\.train: "):
         pipeline.run_job(_cfg(data, root=tmp_path), path)
     assert before == {p.name: p.read_bytes() for p in path.iterdir()}
 
@@ -205,7 +207,7 @@ def test_an_unreadable_identity_is_named_and_nothing_resumed(content, data, tmp_
     path = tmp_path / "X"
     _existing_job(_cfg(data, root=tmp_path), path)
     (path / "identity.json").write_bytes(content)
-    with pytest.raises(job_dir.JobDirError, match=f"{path / 'identity.json'} is unreadable"):
+    with pytest.raises(job_directory.JobDirError, match=f"{path / 'identity.json'} is unreadable"):
         pipeline.run_job(_cfg(data, root=tmp_path), path)
     assert (path / "identity.json").read_bytes() == content
 
@@ -216,14 +218,15 @@ def test_an_older_job_directory_is_compared_by_its_config(data, tmp_path):
     path = tmp_path / "old"
     path.mkdir()
     (path / "config.yaml").write_text(OmegaConf.to_yaml(_cfg(data, root=tmp_path), resolve=True))
-    with pytest.raises(job_dir.JobDirError, match="admm.rho: 0.5 there, 0.9 now"):
-        job_dir.claim(_cfg(data, "admm.rho=0.9", root=tmp_path), path)
-    job_dir.claim(_cfg(data, root=tmp_path), path)
-    assert job_dir.read_identity(path)["science_hash"] == science_hash(_cfg(data, root=tmp_path))
+    with pytest.raises(job_directory.JobDirError, match="admm.rho: 0.5 there, 0.9 now"):
+        job_directory.claim(_cfg(data, "admm.rho=0.9", root=tmp_path), path)
+    job_directory.claim(_cfg(data, root=tmp_path), path)
+    assert job_directory.read_identity(path)["science_hash"] == science_hash(_cfg(data, root=tmp_path))
 
 
 # --- resuming says so (finding 13), checkpoints (finding 8), all rounds failed (finding 7) ----------
 
+@pytest.mark.slow
 def test_a_resumed_job_says_where_it_continues_before_any_work(data, tmp_path, monkeypatch, caplog):
     cfg = _cfg(data, "generation.rounds=2", root=tmp_path)
     path = tmp_path / "job"
@@ -237,7 +240,7 @@ def test_a_resumed_job_says_where_it_continues_before_any_work(data, tmp_path, m
     real_load = pipeline.load_lm
     monkeypatch.setattr(pipeline, "load_lm",
                         lambda *a, **k: loaded_at.append(len(caplog.records)) or real_load(*a, **k))
-    with caplog.at_level(logging.INFO, logger="gradmm.job_dir"):
+    with caplog.at_level(logging.INFO, logger="gradmm.runs.job_directory"):
         pipeline.run_job(cfg, path)
     (note,) = [r for r in caplog.records if "resuming the job" in r.getMessage()]
     message = note.getMessage()
@@ -247,8 +250,8 @@ def test_a_resumed_job_says_where_it_continues_before_any_work(data, tmp_path, m
 
 
 def test_a_fresh_job_does_not_claim_to_resume(data, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="gradmm.job_dir"):
-        job_dir.claim(_cfg(data, root=tmp_path), tmp_path / "new")
+    with caplog.at_level(logging.INFO, logger="gradmm.runs.job_directory"):
+        job_directory.claim(_cfg(data, root=tmp_path), tmp_path / "new")
     assert "resuming" not in caplog.text
 
 
@@ -283,12 +286,13 @@ CHECKPOINT_DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE)
 def test_a_bad_checkpoint_is_named_moved_aside_and_its_rounds_rerun(damage, data, tmp_path, monkeypatch, caplog):
     cfg, path, state = _checkpoint(tmp_path, data, monkeypatch)
     CHECKPOINT_DAMAGE[damage](state)
     broken = state.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="gradmm.generate"):
+    with caplog.at_level(logging.WARNING, logger="gradmm.stages.generate"):
         summary = pipeline.run_job(cfg, path)
     assert not (state.parent / "PWNED").exists(), "loading ran no pickled code"
     assert f"checkpoint {state} is unreadable" in caplog.text
@@ -318,7 +322,7 @@ FROM = ["stages=[evaluate]", "evaluate.train_on=synthetic", "evaluate.n_dev=4", 
 
 def _source(cfg, path, rows=8):
     path.mkdir(parents=True)
-    job_dir.claim(cfg, path)
+    job_directory.claim(cfg, path)
     (path / "synthetic.jsonl").write_text("".join(
         json.dumps({"text": f"synthetic text {i}", "label": i % 2}) + "\n" for i in range(rows)))
     return path
@@ -359,9 +363,10 @@ def _published(path):
     return {p: p.read_text() for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml")}
 
 
+@pytest.mark.slow
 def test_under_dp_the_audit_is_not_run_into_the_job_or_its_summary(data, tmp_path, capsys):
     from gradmm.cli import print_summary
-    from gradmm.tasks import generator_examples
+    from gradmm.data.tasks import generator_examples
 
     cfg, summary = _dp_job(data, tmp_path)
     assert not list((tmp_path / "job").rglob("leakage*"))
@@ -389,6 +394,7 @@ def test_an_audit_folder_among_the_published_jobs_is_refused(inside, data, tmp_p
         validate(_cfg(data, *DP, f"privacy.audit_dir={tmp_path / inside}", root=tmp_path))
 
 
+@pytest.mark.slow
 def test_a_round_file_of_another_job_is_refused_not_resumed(data, tmp_path):
     other, path = tmp_path / "other", tmp_path / "job"
     pipeline.run_job(_cfg(data, "admm.rho=0.7", root=tmp_path), other)
@@ -397,7 +403,7 @@ def test_a_round_file_of_another_job_is_refused_not_resumed(data, tmp_path):
     assert json.loads(round_file.read_text())["science_hash"] == science_hash(_cfg(data, root=tmp_path))
     shutil.copy(other / "rounds" / "class1_round0.json", round_file)
     planted = round_file.read_bytes()
-    with pytest.raises(job_dir.JobDirError, match=f"{round_file} .and 0 more. belong to another job"):
+    with pytest.raises(job_directory.JobDirError, match=f"{round_file} .and 0 more. belong to another job"):
         pipeline.run_job(_cfg(data, root=tmp_path), path)
     assert round_file.read_bytes() == planted
 
@@ -409,6 +415,6 @@ def test_a_checkpoint_of_another_job_is_refused_not_resumed(data, tmp_path, monk
     saved = torch.load(state, weights_only=True)
     torch.save({**saved, "science_hash": science_hash(_cfg(data, "admm.rho=0.7", root=tmp_path))}, state)
     planted = state.read_bytes()
-    with pytest.raises(job_dir.JobDirError, match=f"{state} .and 0 more. belong to another job"):
+    with pytest.raises(job_directory.JobDirError, match=f"{state} .and 0 more. belong to another job"):
         pipeline.run_job(cfg, path)
     assert state.read_bytes() == planted

@@ -15,14 +15,15 @@ import pytest
 from conftest import DATA_DIR, REPO, TINY, compose_config
 from omegaconf import OmegaConf
 
-from gradmm import artifacts, job_dir, manifest, pipeline
+import gradmm.pipeline as pipeline
+from gradmm.runs import files, job_directory, manifest
 
 EVAL = ["stages=[generate,filter,evaluate]", "filter.classifier=none", "filter.n_per_class=3",
         "evaluate.train_on=synthetic_filtered", "evaluate.steps=2", "evaluate.eval_every=1", "evaluate.batch_size=4",
         "evaluate.n_dev=8", "evaluate.max_eval=8", "evaluate.seeds=[0,1]", "evaluate.lrs=[1e-3]",
         "evaluate.baselines=[zero_shot]"]
 # A log of the run (mirrored to W&B), not an output: it is appended to while a stage runs.
-NOT_OUTPUTS = ("metrics.jsonl", job_dir.LOCK_FILE)
+NOT_OUTPUTS = ("metrics.jsonl", job_directory.LOCK_FILE)
 
 
 def _data(root):
@@ -57,10 +58,11 @@ def _copy(finished, tmp_path):
     if (finished / "targets").exists():
         shutil.copytree(finished / "targets", tmp_path / "targets")
     # As a run in this folder writes it: it names the folder's paths.
-    artifacts.write_atomic(tmp_path / "job" / "config.yaml", OmegaConf.to_yaml(_cfg(tmp_path), resolve=True))
+    files.write_atomic(tmp_path / "job" / "config.yaml", OmegaConf.to_yaml(_cfg(tmp_path), resolve=True))
     return tmp_path / "job"
 
 
+@pytest.mark.slow
 def test_a_finished_job_records_every_output(finished):
     record = json.loads((finished / "job" / manifest.MANIFEST_FILE).read_text())
     outputs = {name for stage in record["stages"].values() for name in stage}
@@ -83,6 +85,7 @@ FILES = ["synthetic.jsonl", "synthetic_filtered.jsonl", "leakage.jsonl", "evalua
          "evaluation/zero_shot_seed0.json", "manifest.json", "config.yaml", "identity.json", *REFUSED]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 @pytest.mark.parametrize("name", FILES)
 def test_each_output_deleted_or_cut_comes_back_or_is_named(name, damage, finished, tmp_path):
@@ -92,7 +95,7 @@ def test_each_output_deleted_or_cut_comes_back_or_is_named(name, damage, finishe
     cfg = _cfg(tmp_path)
     refused = REFUSED.get(name)
     if name == "identity.json" and damage != "deleted":
-        refused = job_dir.JobDirError  # which job the directory holds is unknown (tests/test_adversarial_jobs.py)
+        refused = job_directory.JobDirError  # which job the directory holds is unknown (tests/test_adversarial_jobs.py)
     if refused is not None:
         damaged = _files(path)
         with pytest.raises(refused, match=str(path / name)):
@@ -104,14 +107,14 @@ def test_each_output_deleted_or_cut_comes_back_or_is_named(name, damage, finishe
 
 
 def test_a_lost_trained_model_is_trained_again_and_nothing_else(finished, tmp_path, monkeypatch):
-    from gradmm import finetune
+    from gradmm.stages import evaluate
 
     path = _copy(finished, tmp_path)
     before = _files(path)
     (path / "evaluation" / "synthetic_filtered_seed1.json").unlink()
     trained = []
-    real_train = finetune.train_and_select
-    monkeypatch.setattr(finetune, "train_and_select", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
+    real_train = evaluate.train_and_select
+    monkeypatch.setattr(evaluate, "train_and_select", lambda *a, **k: trained.append(a[6]) or real_train(*a, **k))
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: pytest.fail("generated again"))
     pipeline.run_job(_cfg(tmp_path), path)
     assert trained == [_cfg(tmp_path).seed + 1]
@@ -167,8 +170,8 @@ def test_the_command_rebuilds_a_deleted_filtered_set_and_prints_only_what_it_ver
 def test_a_second_run_of_a_job_is_refused_while_one_holds_it(finished, tmp_path):
     path = _copy(finished, tmp_path)
     before = _files(path)
-    with job_dir.exclusive(path):
-        with pytest.raises(job_dir.JobDirError, match=rf"another run holds {path} \(pid {os.getpid()}\)"):
+    with job_directory.exclusive(path):
+        with pytest.raises(job_directory.JobDirError, match=rf"another run holds {path} \(pid {os.getpid()}\)"):
             pipeline.run_job(_cfg(tmp_path), path)
         assert _files(path) == before, "the refused run changed nothing"
     pipeline.run_job(_cfg(tmp_path), path)
@@ -183,7 +186,7 @@ def test_two_commands_on_one_job_at_once_one_is_refused(tmp_path):
                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        lock = tmp_path / "job" / job_dir.LOCK_FILE
+        lock = tmp_path / "job" / job_directory.LOCK_FILE
         while not (lock.is_file() and lock.read_text().strip()):
             assert first.poll() is None, "the first run ended before it held the job"
             time.sleep(0.05)
@@ -197,12 +200,13 @@ def test_two_commands_on_one_job_at_once_one_is_refused(tmp_path):
 
 # --- finding 11: an evaluation split holding the generator's examples ---------------------------------
 
+@pytest.mark.slow
 def test_an_evaluation_split_holding_the_generators_examples_is_reported(tmp_path, caplog):
     _data(tmp_path / "data")
     shutil.copy(tmp_path / "data" / "sst2" / "train.jsonl", tmp_path / "data" / "sst2" / "validation.jsonl")
     cfg = _cfg(tmp_path, "evaluate.max_eval=null", "stages=[generate,evaluate]", "evaluate.train_on=synthetic",
                "evaluate.seeds=[0]")
-    with caplog.at_level(logging.WARNING, logger="gradmm.finetune"):
+    with caplog.at_level(logging.WARNING, logger="gradmm.stages.evaluate"):
         summary = pipeline.run_job(cfg, tmp_path / "job")
     assert summary["evaluation"]["overlap_with_generator"] == cfg.generation.n_real
     assert "8 of the 200 evaluation examples are among the generator's 8 real examples" in caplog.text
@@ -229,8 +233,9 @@ def test_a_transfer_is_recorded_in_the_summary(finished, tmp_path):
 
 # --- under privacy=dp a rebuild never makes a new release ---------------------------------------------
 
+@pytest.mark.slow
 def test_under_dp_synthetic_texts_are_rebuilt_only_from_the_cached_release(tmp_path):
-    from gradmm import ledger
+    from gradmm.privacy import ledger
 
     _data(tmp_path / "data")
     cfg = _cfg(tmp_path, "privacy=dp", "privacy.delta=1e-3", "stages=[generate]")

@@ -15,10 +15,11 @@ import torch
 from conftest import TINY, compose_config, quotas
 from omegaconf import OmegaConf
 
-from gradmm import ledger, privacy, target_cache
-from gradmm.gradients import GradFeatures
-from gradmm.target_cache import mechanism
-from gradmm.tasks import Example
+from gradmm.data.tasks import Example
+from gradmm.method.gradients import GradFeatures
+from gradmm.privacy import dp, ledger
+from gradmm.runs import target_cache
+from gradmm.runs.target_cache import mechanism
 
 DP = [*TINY, "privacy=dp", "privacy.delta=1e-3"]
 REAL = [Example(f"real sentence number {i}", i % 2, 10 + i) for i in range(8)]
@@ -38,7 +39,7 @@ class Releaser:
 
     def __call__(self):
         self.calls += 1
-        facts = privacy.release_facts(mechanism(self.cfg))
+        facts = dp.release_facts(mechanism(self.cfg))
         return [torch.full((2, 3), float(self.calls)), torch.zeros(2, 3)], facts
 
 
@@ -49,7 +50,7 @@ def _release(cfg, real=REAL):
 
 
 def _sigma(cfg):
-    return privacy.noise_multiplier(cfg.privacy.epsilon, cfg.privacy.delta)
+    return dp.noise_multiplier(cfg.privacy.epsilon, cfg.privacy.delta)
 
 
 # Each of these changes the target-cache key, so the same real examples get a fresh noisy release.
@@ -65,6 +66,7 @@ KEY_CHANGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", KEY_CHANGES)
 def test_a_second_release_on_the_same_examples_is_composed_with_the_first(change, tmp_path):
     first_cfg, second_cfg = _cfg(tmp_path), _cfg(tmp_path, change)
@@ -170,7 +172,7 @@ def test_a_broken_entry_is_named_moved_aside_and_its_new_release_composed(corrup
     (entry,) = (tmp_path / "targets").glob("*.pt")
     CORRUPTIONS[corruption](entry)
     broken = entry.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="gradmm.target_cache"):
+    with caplog.at_level(logging.WARNING, logger="gradmm.runs.target_cache"):
         targets, facts, calls = _release(cfg)
     assert not (tmp_path / "targets" / "PWNED").exists(), "loading ran no pickled code"
     assert calls == 1 and torch.equal(targets[0], torch.full((2, 3), 1.0))
@@ -198,7 +200,7 @@ def test_a_broken_entry_without_privacy_is_recomputed_quietly_about_the_ledger(t
     _release(cfg)
     (entry,) = (tmp_path / "targets").glob("*.pt")
     entry.write_bytes(b"broken")
-    with caplog.at_level(logging.WARNING, logger="gradmm.target_cache"):
+    with caplog.at_level(logging.WARNING, logger="gradmm.runs.target_cache"):
         _, facts, calls = _release(cfg)
     assert calls == 1 and "ledger" not in caplog.text and str(entry) in caplog.text
     assert not (tmp_path / "targets" / ledger.LEDGER_FILE).exists()
@@ -233,7 +235,7 @@ def test_an_entry_missing_from_the_ledger_is_recorded_when_read(tmp_path, caplog
     cfg = _cfg(tmp_path)
     _release(cfg)
     (tmp_path / "targets" / ledger.LEDGER_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="gradmm.target_cache"):
+    with caplog.at_level(logging.WARNING, logger="gradmm.runs.target_cache"):
         _, facts, calls = _release(cfg)
     assert calls == 0 and "missing from the ledger" in caplog.text
     assert facts["releases_on_these_examples"] == 1 and len(ledger.read(tmp_path / "targets")) == 1
@@ -281,12 +283,12 @@ def _features(n=8, seed=0):
 
 def _noiseless(feats, labels, cfg):
     zero = lambda shape, std: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
-    release = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
+    release = dp.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
     return torch.cat([t.flatten() for ts in release.targets for t in ts])
 
 
 def test_the_default_relation_is_replace_one_with_twice_the_clip():
-    facts = privacy.release_facts(mechanism(compose_config(DP)))
+    facts = dp.release_facts(mechanism(compose_config(DP)))
     assert facts["relation"] == "replace_one" and facts["sensitivity"] == 2 * facts["clip"]
     assert facts["noise_std"] == pytest.approx(facts["noise_multiplier"] * 2 * facts["clip"])
 
@@ -317,7 +319,7 @@ def test_a_neighbour_is_released_and_moves_the_sums_by_at_most_the_sensitivity(n
     cfg = compose_config([*DP, f"privacy.relation={relation}", "privacy.clip=0.5"])
     feats = _features()
     other_feats, other_labels = neighbour(feats)
-    released = privacy.release_targets(other_feats, other_labels, mechanism(cfg), quotas(cfg))  # never refused
+    released = dp.release_targets(other_feats, other_labels, mechanism(cfg), quotas(cfg))  # never refused
     assert len(released.targets) == 2 and all(len(t) == 1 for t in released.targets)
     # Back from the means to the clipped sums: their distance is what the noise is calibrated to.
     moved = (_noiseless(feats, LABELS, cfg) - _noiseless(other_feats, other_labels, cfg)).norm() * 4
@@ -330,24 +332,24 @@ def test_a_neighbour_is_released_and_moves_the_sums_by_at_most_the_sensitivity(n
 def test_noise_is_drawn_from_the_operating_systems_csprng_alone(monkeypatch):
     """Seeding torch changes nothing; replacing os.urandom by a fixed stream makes the noise fixed."""
     torch.manual_seed(0)
-    first = privacy.secure_gaussian((64,), 1.0)
+    first = dp.secure_gaussian((64,), 1.0)
     torch.manual_seed(0)
-    assert not torch.equal(first, privacy.secure_gaussian((64,), 1.0))
+    assert not torch.equal(first, dp.secure_gaussian((64,), 1.0))
     stream = lambda n: bytes(range(256)) * (n // 256) + bytes(range(n % 256))  # noqa: E731
-    monkeypatch.setattr(privacy.os, "urandom", stream)
-    assert torch.equal(privacy.secure_gaussian((64,), 1.0), privacy.secure_gaussian((64,), 1.0))
-    assert not hasattr(privacy, "secret_generator")
+    monkeypatch.setattr(dp.os, "urandom", stream)
+    assert torch.equal(dp.secure_gaussian((64,), 1.0), dp.secure_gaussian((64,), 1.0))
+    assert not hasattr(dp, "secret_generator")
 
 
 @pytest.mark.parametrize("byte", [0x00, 0xFF])
 def test_extreme_random_bytes_give_finite_noise(byte, monkeypatch):
-    monkeypatch.setattr(privacy.os, "urandom", lambda n: bytes([byte]) * n)
-    assert torch.isfinite(privacy.secure_gaussian((10,), 1.0)).all()
+    monkeypatch.setattr(dp.os, "urandom", lambda n: bytes([byte]) * n)
+    assert torch.isfinite(dp.secure_gaussian((10,), 1.0)).all()
 
 
 def test_the_secure_noise_is_gaussian_with_the_stated_deviation(monkeypatch):
-    monkeypatch.setattr(privacy, "_CHUNK", 1000)  # several chunks
-    noise = privacy.secure_gaussian((300, 1000), 2.5)
+    monkeypatch.setattr(dp, "_CHUNK", 1000)  # several chunks
+    noise = dp.secure_gaussian((300, 1000), 2.5)
     assert noise.shape == (300, 1000) and noise.dtype == torch.float64
     z = noise.flatten() / 2.5
     # Unseeded by design (OS entropy): every bound is six standard errors of its statistic under a
@@ -377,11 +379,11 @@ def test_a_release_draws_its_noise_from_the_csprng_and_nothing_else(monkeypatch)
     """Fix os.urandom and the release is fixed, whatever torch's generators do; that is the whole source."""
     cfg = compose_config([*DP, "privacy.epsilon=2"])
     stream = lambda n: (bytes(range(1, 256)) * (n // 255 + 1))[:n]  # noqa: E731
-    monkeypatch.setattr(privacy.os, "urandom", stream)
+    monkeypatch.setattr(dp.os, "urandom", stream)
     torch.manual_seed(1)
-    first = privacy.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
+    first = dp.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
     torch.manual_seed(2)
     torch.randn(5)
-    again = privacy.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
+    again = dp.release_targets(_features(), LABELS, mechanism(cfg), quotas(cfg)).targets
     assert all(torch.equal(a, b) for ta, tb in zip(first, again, strict=True) for a, b in zip(ta, tb, strict=True))
     assert not torch.allclose(first[0][0], _noiseless(_features(), LABELS, cfg)[:12].reshape(first[0][0].shape))

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_report import RHOS, _job
 
-from gradmm import report
+from gradmm.reporting import report
 
 
 def _truncate(path):

@@ -5,12 +5,12 @@ import stat
 
 import pytest
 
-from gradmm import artifacts
+from gradmm.runs import files
 
 
 def test_failed_write_keeps_the_previous_version_and_leaves_no_temp_file(tmp_path):
     path = tmp_path / "summary.json"
-    artifacts.write_json(path, {"accuracy": 0.5})
+    files.write_json(path, {"accuracy": 0.5})
 
     class Interrupted(Exception):
         pass
@@ -20,7 +20,7 @@ def test_failed_write_keeps_the_previous_version_and_leaves_no_temp_file(tmp_pat
         raise Interrupted
 
     with pytest.raises(Interrupted):
-        artifacts._atomically(path, "w", half_written)
+        files._atomically(path, "w", half_written)
     assert path.read_text() == '{\n  "accuracy": 0.5\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
@@ -28,5 +28,5 @@ def test_failed_write_keeps_the_previous_version_and_leaves_no_temp_file(tmp_pat
 def test_files_get_the_mode_the_umask_gives_not_owner_only(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
-    artifacts.write_atomic(tmp_path / "a.txt", "x")
+    files.write_atomic(tmp_path / "a.txt", "x")
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask

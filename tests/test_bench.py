@@ -3,6 +3,7 @@ the plain ones. No timing is asserted: the figures depend on the machine and its
 
 import json
 
+import pytest
 from conftest import DATA_DIR, load_script
 from test_wandb import OfflineRun, offline_wandb  # noqa: F401 - a fixture
 
@@ -14,6 +15,7 @@ REQUIRED = {
 }
 
 
+@pytest.mark.slow
 def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     bench = load_script("benchmarks/bench.py")
     out = tmp_path / "bench.json"
@@ -40,6 +42,7 @@ def test_smoke_benchmark_writes_one_record_per_configuration(tmp_path, capsys):
     assert "x its 2 inner steps" in table
 
 
+@pytest.mark.slow
 def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_path, capsys):
     """bfloat16 weights (on a GPU also autocast or compile) are compared with float32, and stay within the
     issue's 1e-2 of its gradient distances."""
@@ -56,6 +59,7 @@ def test_reduced_precision_is_compared_with_float32_on_the_same_sequences(tmp_pa
     assert "against float32" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_benchmark_is_one_wandb_run_of_its_own_per_call(tmp_path, offline_wandb):  # noqa: F811
     bench = load_script("benchmarks/bench.py")
     out = tmp_path / "bench" / "bench.json"

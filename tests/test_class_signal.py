@@ -12,6 +12,7 @@ def class_signal():
     return load_script("experiments/class_signal.py")
 
 
+@pytest.mark.slow
 def test_groups_are_ranked_by_a_probe_that_equals_the_direct_one(class_signal, monkeypatch, tmp_path):
     monkeypatch.setattr(class_signal, "N_HELD_OUT", 12)
     out = tmp_path / "class_signal.json"

@@ -15,12 +15,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from gradmm.admm import AdmmParams, Initialisation
-from gradmm.generate import matched_gradient, round_settings
+from gradmm.config.schemas import Config
+from gradmm.config.validation import ConfigError, validate
+from gradmm.method.admm import AdmmParams, Initialisation
+from gradmm.method.fine_tuning import FineTuning
 from gradmm.pipeline import prepare
-from gradmm.schemas import Config
-from gradmm.tuning import FineTuning
-from gradmm.validation import ConfigError, validate
+from gradmm.stages.generate import matched_gradient, round_settings
 
 
 def _options(group):
@@ -103,6 +103,7 @@ def test_every_experiment_preset_validates(experiment):
     validate(compose_config([f"experiment={experiment}", "tracker=disabled", f"paths.data_dir={DATA_DIR}"]))
 
 
+@pytest.mark.slow
 def test_validate_only_checks_the_tokenizer_and_runs_nothing(tmp_path):
     common = [sys.executable, "run.py", *TINY, "validate_only=true", f"paths.output_root={tmp_path}"]
     ok = subprocess.run(common, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -159,7 +160,7 @@ BAD = [
     ("generation.init_temperature=0", "generation.init_temperature"),
     ("generation.init_candidates=3", "generation.init_candidates"),
     ("generation.n_real=100000", "generation.n_real"),
-    ("projector._target_=gradmm.projection.Magic", "gradmm.projection.Magic"),
+    ("projector._target_=gradmm.method.projectors.Magic", "gradmm.method.projectors.Magic"),
     ("projector.topk=0", "projector.topk"),
     ("projector.lm_topk=0", "projector.lm_topk"),
     ("projector.exact_candidates=0", "projector.exact_candidates"),
@@ -232,6 +233,7 @@ def test_shared_data_is_where_tests_expect_it():
     assert (DATA_DIR / "sst2" / "train.jsonl").is_file(), f"datasets expected in {DATA_DIR}"
 
 
+@pytest.mark.slow
 def test_validation_runs_before_the_model_loads(tmp_path):
     """A bad config must fail in validate(), which reads no weights: run.py exits non-zero fast."""
     import subprocess

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from gradmm.pipeline import run_job
-from gradmm.tracking import Tracker
+from gradmm.reporting.tracking import Tracker
 
 
 def _poison(monkeypatch, bad):
     """Makes the continuous matching loss NaN, or raises what bad() returns, on chosen calls."""
-    import gradmm.admm as admm
+    import gradmm.method.admm as admm
 
     real = admm.matching_loss_continuous
     calls = {"n": 0}
@@ -30,6 +30,7 @@ def _rounds(out_dir):
     return {p.name: json.loads(p.read_text()) for p in sorted((out_dir / "rounds").glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_a_nan_round_restarts_from_a_fresh_initialisation(tiny_cfg, tmp_path, monkeypatch):
     clean = run_job(tiny_cfg, tmp_path / "clean")
     _poison(monkeypatch, lambda n, ctx: n == 1)
@@ -42,6 +43,7 @@ def test_a_nan_round_restarts_from_a_fresh_initialisation(tiny_cfg, tmp_path, mo
     assert faulty_rounds["class1_round0.json"]["rows"] == clean_rounds["class1_round0.json"]["rows"]
 
 
+@pytest.mark.slow
 def test_a_round_that_keeps_failing_is_reported_and_the_others_kept(tiny_cfg, tmp_path, monkeypatch):
     _poison(monkeypatch, lambda n, ctx: ctx.labels == [0])
     summary = run_job(tiny_cfg, tmp_path)
@@ -51,6 +53,7 @@ def test_a_round_that_keeps_failing_is_reported_and_the_others_kept(tiny_cfg, tm
     assert len(_rounds(tmp_path)["class0_round0.json"]["faults"]) == tiny_cfg.generation.max_restarts + 1
 
 
+@pytest.mark.slow
 def test_a_job_stopped_after_a_fault_resumes_with_the_next_attempt(tiny_cfg, tmp_path, monkeypatch):
     """The attempt number is checkpointed: resuming must not replay the initialisation that failed."""
     _poison(monkeypatch, lambda n, ctx: n == 1)
@@ -83,6 +86,7 @@ class BrokenRun:
         raise ConnectionError("W&B unreachable")
 
 
+@pytest.mark.slow
 def test_wandb_failures_never_stop_a_run(tiny_cfg, tmp_path, monkeypatch):
     import wandb
 
@@ -110,6 +114,7 @@ def test_a_resumed_job_continues_its_wandb_run(tiny_cfg, tmp_path, monkeypatch):
     assert ids[0] == ids[1] != ids[2]
 
 
+@pytest.mark.slow
 def test_offline_wandb_writes_inside_the_job_directory(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

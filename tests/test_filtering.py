@@ -1,10 +1,10 @@
 import torch
 
-from gradmm import artifacts
-from gradmm.filtering import filter_examples, filter_stage
-from gradmm.finetune import Classifier
 from gradmm.pipeline import prepare
-from gradmm.tracking import Tracker
+from gradmm.reporting.tracking import Tracker
+from gradmm.runs import files
+from gradmm.stages.classifier import Classifier
+from gradmm.stages.filter import filter_examples, filter_stage
 
 
 def _row(text, label, d, ppl=5.0):
@@ -58,7 +58,7 @@ def test_the_classifier_is_calibrated_by_its_mean_score_over_the_set(tiny_cfg, t
     """A classifier biased towards one label word assigns every text to that class; centred by its mean
     score over the set, it tells the texts apart, so the filter keeps texts of both classes."""
     rows = [_row(f"text number {i}", label, 0.1 * i) for i, label in enumerate([0, 0, 1, 1])]
-    artifacts.write_jsonl(tmp_path / "synthetic.jsonl", rows)
+    files.write_jsonl(tmp_path / "synthetic.jsonl", rows)
     biased = torch.tensor([[5.0, 1.0], [5.0, 0.0], [5.0, 3.0], [5.0, 2.5]])  # argmax: class 0 for all
     monkeypatch.setattr(Classifier, "scores", lambda self, texts, prefix=(): biased)
     tiny_cfg.filter.classifier = "zero_shot"

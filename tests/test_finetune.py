@@ -6,18 +6,15 @@ import pytest
 import torch
 from conftest import TINY, compose_config, load_script
 
-from gradmm import finetune, manifest
-from gradmm.finetune import (
-    Classifier,
-    few_shot_demonstrations,
-    make_splits,
-    train_and_select,
-)
-from gradmm.models import load_lm
+from gradmm.config.validation import ConfigError, validate
+from gradmm.data.models import load_lm
+from gradmm.data.tasks import load_split, stratified_sample
+from gradmm.method.fine_tuning import checkpoint_applied
 from gradmm.pipeline import prepare, run_job
-from gradmm.tasks import load_split, stratified_sample
-from gradmm.tuning import checkpoint_applied
-from gradmm.validation import ConfigError, validate
+from gradmm.runs import manifest
+from gradmm.stages import evaluate
+from gradmm.stages.classifier import Classifier, few_shot_demonstrations
+from gradmm.stages.evaluate import make_splits, train_and_select
 
 EVAL = [
     "evaluate.steps=4", "evaluate.eval_every=2", "evaluate.batch_size=4", "evaluate.n_dev=12",
@@ -36,13 +33,14 @@ def test_splits_are_disjoint_from_each_other_and_from_the_generator():
     assert len(seen) + len(dev) + len(pool) == len(train)
 
 
+@pytest.mark.slow
 def test_no_evaluation_or_generator_example_reaches_training_or_selection(tmp_path, monkeypatch):
     cfg = compose_config([*TINY, "stages=[generate,filter,evaluate]", *EVAL, f"paths.output_root={tmp_path}",
                           "evaluate.train_on=real_random", "evaluate.baselines=[real_seen]",
                           "filter.classifier=none"])
     seen_by_training = []
 
-    real_train_and_select = finetune.train_and_select
+    real_train_and_select = evaluate.train_and_select
     real_predict = Classifier.predict
     scored = []
 
@@ -54,7 +52,7 @@ def test_no_evaluation_or_generator_example_reaches_training_or_selection(tmp_pa
         scored.append(set(texts))
         return real_predict(self, texts, prefix)
 
-    monkeypatch.setattr(finetune, "train_and_select", spy)
+    monkeypatch.setattr(evaluate, "train_and_select", spy)
     monkeypatch.setattr(Classifier, "predict", predict_spy)
     run_job(cfg, tmp_path / "job")
     evaluation_texts = {e.text for e in load_split(cfg, "validation")}
@@ -76,6 +74,7 @@ def test_no_evaluation_or_generator_example_reaches_training_or_selection(tmp_pa
     assert all(texts <= dev_texts for texts in scored if not texts & evaluation_texts)
 
 
+@pytest.mark.slow
 def test_fine_tuning_lowers_the_loss_and_restores_the_weights(tiny_cfg):
     cfg = compose_config([*TINY, *EVAL, "evaluate.steps=30", "evaluate.eval_every=10", "evaluate.lrs=[3e-3]"])
     setup = prepare(cfg)
@@ -99,6 +98,7 @@ def test_fine_tuning_lowers_the_loss_and_restores_the_weights(tiny_cfg):
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items()), "weights restored"
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only_and_removes_them():
     pytest.importorskip("peft")
     cfg = compose_config([*TINY, *EVAL, "evaluate.steps=20", "evaluate.eval_every=10", "evaluate.lrs=[3e-2]",
@@ -144,7 +144,7 @@ def test_classifier_scores_are_the_lm_logits_of_the_label_words(tiny_lm_factory,
 
 
 @pytest.mark.parametrize("overrides,named", [
-    (["evaluate.method._target_=gradmm.tuning.Adapters"], "gradmm.tuning.Adapters"),
+    (["evaluate.method._target_=gradmm.method.fine_tuning.Adapters"], "gradmm.method.fine_tuning.Adapters"),
     (["evaluate/method=lora", "evaluate.method.r=0"], "evaluate.method.r=0"),
     (["+evaluate.method.rank=4"], "unexpected keyword argument 'rank'"),
     (["filter.classifier=few_shot", "filter.few_shot_k=0", "stages=[generate,filter]"], "filter.few_shot_k"),
@@ -168,6 +168,7 @@ def test_evaluating_an_unfiltered_job_as_filtered_is_refused(tmp_path):
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_evaluate_stage_end_to_end_and_resume(tmp_path, monkeypatch):
 
     cfg = compose_config([*TINY, "stages=[generate,filter,evaluate]", *EVAL, f"paths.output_root={tmp_path}",
@@ -182,7 +183,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path, monkeypatch):
     assert written["accuracy"] == summary["accuracy"]
 
     # Re-running the finished job trains nothing again.
-    monkeypatch.setattr(finetune, "train_and_select", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(evaluate, "train_and_select", lambda *a, **k: pytest.fail("retrained"))
     assert run_job(cfg, tmp_path / "job")["accuracy"] == summary["accuracy"]
     monkeypatch.undo()
 
@@ -207,6 +208,7 @@ def test_evaluate_stage_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / "other" / "synthetic_filtered.jsonl").is_file()
 
 
+@pytest.mark.slow
 def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_path, monkeypatch):
     reproduce = load_script("experiments/reproduce_cpu.py")
     # The preset's selection (init_candidates) stays: the admm and selection rows differ only by the ADMM steps.
@@ -242,8 +244,8 @@ def test_reproduce_cpu_writes_every_method_and_resumes_per_trained_model(tmp_pat
     evaluated = ("accuracy", "accuracy_std", "per_class_accuracy", "evaluation", "baselines")
     manifest.save(saved.parent.parent, {k: v for k, v in summary.items() if k not in evaluated})
     trained = []
-    real = finetune.train_and_select
-    monkeypatch.setattr(finetune, "train_and_select", lambda lm, v, train, *a, **k: (
+    real = evaluate.train_and_select
+    monkeypatch.setattr(evaluate, "train_and_select", lambda lm, v, train, *a, **k: (
         trained.append(len(train)), real(lm, v, train, *a, **k))[1])
     again = reproduce.main(args)
     assert trained == [8]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradmm.gradients import (
+from gradmm.method.gradients import (
     GradFeatures,
     Objective,
     OutputLayer,

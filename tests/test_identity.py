@@ -7,11 +7,11 @@ from conftest import CONF_DIR, TINY, compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gradmm.identity import NON_SCIENCE_KEYS, flatten, is_science_key, science_config, science_hash
-from gradmm.job_dirs import Job
-from gradmm.report import differing_keys
-from gradmm.schemas import Config
-from gradmm.sweeps import sweep_name
+from gradmm.config.schemas import Config
+from gradmm.reporting.report import differing_keys
+from gradmm.runs.identity import NON_SCIENCE_KEYS, flatten, is_science_key, science_config, science_hash
+from gradmm.runs.job_directory import Job
+from gradmm.runs.sweeps import sweep_name
 
 BASE = science_hash(compose_config(TINY))
 

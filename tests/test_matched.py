@@ -7,12 +7,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gradmm.gradients import Objective, OutputLayer, mean_gradient, replacement_distances, set_distance, vdot
-from gradmm.matched import ParameterGradient, build_matched_gradient, lora_projections, select_linear_modules
-from gradmm.matching_context import MatchingContext
-from gradmm.matching_projection import project_matching_lm_exact
-from gradmm.models import LM
-from gradmm.projection import allowed_vocabulary
+from gradmm.data.models import LM
+from gradmm.method.gradients import Objective, OutputLayer, mean_gradient, replacement_distances, set_distance, vdot
+from gradmm.method.matched_gradient import (
+    ParameterGradient,
+    build_matched_gradient,
+    lora_projections,
+    select_linear_modules,
+)
+from gradmm.method.projectors import MatchingContext, allowed_vocabulary, project_matching_lm_exact
 
 LABEL_IDS = [3309, 1109]
 MLP_AND_QUERY = [r"model\.layers\.1\.mlp\.(up|down)_proj", r"model\.layers\.0\.self_attn\.q_proj"]

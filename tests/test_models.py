@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import compose_config
 
-from gradmm.models import load_lm
+from gradmm.data.models import load_lm
 
 
 @pytest.mark.slow

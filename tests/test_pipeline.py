@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY, compose_config, load_script
 
-from gradmm.artifacts import read_jsonl
-from gradmm.generate import round_settings
-from gradmm.metrics import TEXT_SET_FIGURES
 from gradmm.pipeline import run_job
+from gradmm.runs.files import read_jsonl
+from gradmm.runs.metrics import TEXT_SET_FIGURES
+from gradmm.stages.generate import round_settings
 
 
 def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int = 2):
@@ -34,6 +34,7 @@ def _check_outputs(out: Path, n_expected: int, outer_steps: int, n_classes: int 
     return rows, summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projector", ["nearest", "topk_lm", "matching_lm"])
 def test_generate_on_tiny_model(tmp_path, projector):
     cfg = compose_config([*TINY, f"projector={projector}", f"paths.output_root={tmp_path}"])
@@ -43,6 +44,7 @@ def test_generate_on_tiny_model(tmp_path, projector):
     assert written == summary
 
 
+@pytest.mark.slow
 def test_each_stage_records_the_command_code_and_time_that_made_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["run.py", "stages=[generate]"])
     first = run_job(compose_config([*TINY, f"paths.output_root={tmp_path}", "stages=[generate]"]), tmp_path)
@@ -58,6 +60,7 @@ def test_each_stage_records_the_command_code_and_time_that_made_it(tmp_path, mon
     assert json.loads((tmp_path / "summary.json").read_text())["made_by"] == resumed["made_by"]
 
 
+@pytest.mark.slow
 def test_cli_multirun_on_tiny_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "run.py", "-m", *TINY, "admm.rho=0.1,1", f"paths.output_root={tmp_path}"],
@@ -83,6 +86,7 @@ def test_short_run_on_embedded_model(tmp_path):
     assert summary["log_ppl_mean"] < summary["random_baseline"]["log_ppl_mean"]
 
 
+@pytest.mark.slow
 def test_union_term_changes_what_generation_optimises(tiny_cfg, tmp_path):
     """With union_weight the rounds optimise another loss from the same start: other tokens, and the
     recorded step-0 loss is the class distance plus the union term, so it can only grow."""
@@ -99,6 +103,7 @@ def test_union_term_changes_what_generation_optimises(tiny_cfg, tmp_path):
     assert texts["plain"] != texts["union"]
 
 
+@pytest.mark.slow
 def test_rounds_batched_side_by_side_follow_the_same_path_as_alone(tiny_cfg, tmp_path):
     """Batches of 3 rounds (one of them mixing the classes, the last one short) give each round the
     tokens and losses it gets alone: their losses, clipping and best iterates are kept apart."""
@@ -119,6 +124,7 @@ def test_rounds_batched_side_by_side_follow_the_same_path_as_alone(tiny_cfg, tmp
         ["class0_round0.json", "class0_round1.json", "class1_round0.json", "class1_round1.json"]
 
 
+@pytest.mark.slow
 def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):
     tiny_cfg.matching.loss = "full_vocab"
     tiny_cfg.matching.distance = "l2"
@@ -128,7 +134,7 @@ def test_full_vocab_loss_and_l2_distance_run_end_to_end(tiny_cfg, tmp_path):
 
 def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(tiny_cfg, monkeypatch):
     import gradmm.pipeline as pipeline
-    from gradmm.validation import ConfigError
+    from gradmm.config.validation import ConfigError
 
     monkeypatch.setattr(pipeline, "load_lm", lambda *a, **k: pytest.fail("model loaded"))
     tiny_cfg.projector.topk = 10_000_000
@@ -136,9 +142,10 @@ def test_topk_beyond_the_allowed_vocabulary_is_rejected_before_the_model_loads(t
         pipeline.run_job(tiny_cfg, Path(tiny_cfg.paths.output_root))
 
 
+@pytest.mark.slow
 def test_the_tracker_finishes_with_a_failure_code_when_a_stage_fails(tiny_cfg, tmp_path, monkeypatch):
     import gradmm.pipeline as pipeline
-    from gradmm.tracking import Tracker
+    from gradmm.reporting.tracking import Tracker
 
     codes = []
     monkeypatch.setattr(Tracker, "finish", lambda self, exit_code=0: codes.append(exit_code))
@@ -155,6 +162,7 @@ def test_the_tracker_finishes_with_a_failure_code_when_a_stage_fails(tiny_cfg, t
     assert codes == [0, 1]
 
 
+@pytest.mark.slow
 def test_same_generation_tells_identical_jobs_from_changed_ones(tmp_path, capsys):
     same = load_script("experiments/same_generation.py")
     cfg = compose_config([*TINY, "stages=[generate]"])

@@ -8,14 +8,13 @@ import pytest
 import torch
 from conftest import TINY, compose_config, quotas
 
-import gradmm.generate as generate
 import gradmm.pipeline as pipeline
-from gradmm import ledger, privacy
-from gradmm.gradients import GradFeatures, OutputLayer, mean_gradient
-from gradmm.inputs import Setup
-from gradmm.target_cache import mechanism
-from gradmm.tasks import Example, load_split, stratified_sample
-from gradmm.validation import ConfigError, validate
+import gradmm.stages.generate as generate
+from gradmm.config.validation import ConfigError, validate
+from gradmm.data.tasks import Example, Setup, load_split, stratified_sample
+from gradmm.method.gradients import GradFeatures, OutputLayer, mean_gradient
+from gradmm.privacy import dp, leakage, ledger
+from gradmm.runs.target_cache import mechanism
 
 DP = [*TINY, "privacy=dp", "privacy.delta=1e-3"]
 EVAL = ["evaluate.steps=2", "evaluate.eval_every=2", "evaluate.batch_size=4", "evaluate.n_dev=8",
@@ -37,9 +36,10 @@ def _analytic_gaussian_sigma(epsilon: float, delta: float) -> float:
     return hi
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epsilon,delta", [(0.5, 1e-5), (1.0, 1e-5), (4.0, 1e-6), (8.0, 1e-3)])
 def test_noise_multiplier_is_the_smallest_that_meets_the_budget(epsilon, delta):
-    sigma = privacy.noise_multiplier(epsilon, delta)
+    sigma = dp.noise_multiplier(epsilon, delta)
     assert ledger.composed_epsilon((sigma,), delta) <= epsilon * (1 + 1e-3)
     assert ledger.composed_epsilon((sigma * 0.97,), delta) > epsilon
     # The accountant's discretisation is pessimistic: never below the exact value, and close to it.
@@ -51,7 +51,7 @@ def test_clipping_bounds_each_examples_gradient_norm():
     feats = GradFeatures.single(torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 5, dtype=torch.float64))
     original = torch.stack([mean_gradient(feats.select([i]))[0].norm() for i in range(20)])
     bound = original.median().item()
-    clipped = privacy.clip(feats, bound)
+    clipped = dp.clip(feats, bound)
     norms = torch.stack([mean_gradient(clipped.select([i]))[0].norm() for i in range(20)])
     small = original <= bound
     assert torch.allclose(norms[small], original[small])
@@ -63,11 +63,11 @@ def test_released_noise_has_the_calibrated_standard_deviation(relation, factor):
     cfg = compose_config([*DP, "privacy.epsilon=2", "privacy.clip=0.5", f"privacy.relation={relation}"])
     feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     labels = [0, 1] * 4
-    clean = [mean_gradient(privacy.clip(feats, 0.5).select(torch.tensor(labels) == k)) for k in range(2)]
-    releases = [privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)) for _ in range(300)]
+    clean = [mean_gradient(dp.clip(feats, 0.5).select(torch.tensor(labels) == k)) for k in range(2)]
+    releases = [dp.release_targets(feats, labels, mechanism(cfg), quotas(cfg)) for _ in range(300)]
     # n_k = 4: back to the noise on the sum
     noise = torch.stack([torch.stack([r.targets[k][0] - clean[k][0] for k in range(2)]) for r in releases]) * 4
-    expected = privacy.noise_multiplier(2.0, cfg.privacy.delta) * 0.5 * factor
+    expected = dp.noise_multiplier(2.0, cfg.privacy.delta) * 0.5 * factor
     assert releases[0].facts["noise_std"] == pytest.approx(expected)
     # The noise comes from the OS's entropy, unseeded, so each bound sits six standard errors out (a false
     # alarm once in ~1e9 runs, or ~1e-6 over the 276 correlations) yet far inside what a wrong std,
@@ -88,9 +88,9 @@ def test_release_divides_by_the_public_quota_whatever_the_counts():
     feats = GradFeatures.single(torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64))
     zero = lambda shape, std: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
     for labels in ([0, 1] * 4, [0] * 5 + [1] * 3, [0] * 8):
-        release = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
+        release = dp.release_targets(feats, labels, mechanism(cfg), quotas(cfg), noise=zero)
         assert release.facts["class_counts"] == [4, 4]
-        sums = privacy.clip(feats, 1.0).select(torch.tensor(labels) == 0).total()
+        sums = dp.clip(feats, 1.0).select(torch.tensor(labels) == 0).total()
         assert torch.allclose(release.targets[0][0], sums[0] / 4)
 
 
@@ -100,22 +100,22 @@ def test_private_targets_differ_from_the_exact_ones(tiny_lm_factory):
     head = OutputLayer.build(lm.output_weight, None, [3309, 1109], "label_words")
     labels = [0, 1] * 4
     feats = head.features(torch.randn(8, lm.output_weight.shape[1], dtype=lm.dtype), torch.tensor(labels))
-    released = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
-    again = privacy.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
-    exact = [mean_gradient(privacy.clip(feats, 1.0).select(torch.tensor(labels) == k)) for k in range(2)]
+    released = dp.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
+    again = dp.release_targets(feats, labels, mechanism(cfg), quotas(cfg)).targets
+    exact = [mean_gradient(dp.clip(feats, 1.0).select(torch.tensor(labels) == k)) for k in range(2)]
     assert not torch.allclose(released[0][0], exact[0][0])
     assert not torch.allclose(released[0][0], again[0][0])  # the noise is not a function of the config
 
 
 def test_sealed_examples_keep_their_row_numbers_and_nothing_else():
-    real = privacy.PrivateExamples([Example("a fine film", 1, 7), Example("a dull film", 0, 3)])
+    real = dp.PrivateExamples([Example("a fine film", 1, 7), Example("a dull film", 0, 3)])
     assert [ex.text for ex in real] == ["a fine film", "a dull film"]
-    privacy.seal(real)
-    assert privacy.is_sealed(real) and len(real) == 2
+    dp.seal(real)
+    assert dp.is_sealed(real) and len(real) == 2
     assert [ex.index for ex in real] == [7, 3]
     for read in (lambda: real[0].text, lambda: real[1].label, lambda: [ex.text for ex in real],
                  lambda: stratified_sample(list(real), 2, 2, 0)):
-        with pytest.raises(privacy.PrivacyError):
+        with pytest.raises(dp.PrivacyError):
             read()
 
 
@@ -131,6 +131,7 @@ def _dp_job_cfg(tmp_path, *extra):
     ])
 
 
+@pytest.mark.slow
 def test_no_stage_reads_real_data_after_the_release(tmp_path, monkeypatch):
     """Every stage after the release gets sealed examples, so reading one raises; the job completes,
     its outputs hold no real text, and W&B gets the release facts but not the audit."""
@@ -143,7 +144,7 @@ def test_no_stage_reads_real_data_after_the_release(tmp_path, monkeypatch):
     def spy_on(name, original):
         def spy(*args, **kwargs):
             (setup,) = [a for a in args if isinstance(a, Setup)]
-            sealed_at_call[name] = privacy.is_sealed(setup.real)
+            sealed_at_call[name] = dp.is_sealed(setup.real)
             return original(*args, **kwargs)
         return spy
 
@@ -157,7 +158,7 @@ def test_no_stage_reads_real_data_after_the_release(tmp_path, monkeypatch):
     assert sealed_at_call == dict.fromkeys(stages, True)
     assert summary["real_examples"] is None
     assert summary["privacy"]["spent_epsilon"] <= cfg.privacy.epsilon * (1 + 1e-3)
-    assert summary["privacy"]["accountant"] == privacy.ACCOUNTANT
+    assert summary["privacy"]["accountant"] == dp.ACCOUNTANT
     assert "accuracy" in summary and "privacy" in to_wandb and "leakage" not in to_wandb
     assert "DP guarantee" in summary["leakage"]["audit"]
     real = stratified_sample(load_split(cfg, "train"), cfg.generation.n_real, 2, cfg.seed)
@@ -174,7 +175,7 @@ def test_a_leak_after_the_release_fails(tmp_path, monkeypatch):
         return {"real_texts": [ex.text for ex in setup.real]}
 
     monkeypatch.setattr(generate, "score_and_write", leaky_score)
-    with pytest.raises(privacy.PrivacyError):
+    with pytest.raises(dp.PrivacyError):
         pipeline.run_job(_dp_job_cfg(tmp_path, "stages=[generate]"), tmp_path / "job")
 
 
@@ -220,7 +221,7 @@ def test_longest_shared_ngram_against_brute_force():
 
     for _ in range(200):
         a, b = sentence(), sentence()
-        size, start = privacy.longest_shared_ngram(a, b)
+        size, start = leakage.longest_shared_ngram(a, b)
         assert size == _brute_force_ngram(a, b)
         if size:
             assert a[start:start + size] in [b[j:j + size] for j in range(len(b) - size + 1)]
@@ -231,7 +232,7 @@ def test_longest_shared_ngram_against_brute_force():
 def test_leakage_report_flags_copied_text():
     real = ["The acting is superb, and the story moves along at a brisk pace.", "A dull film."]
     synthetic = ["i think the acting is superb and the story moves well", "completely new words here"]
-    rows, figures = privacy.leakage_report(synthetic, real)
+    rows, figures = leakage.leakage_report(synthetic, real)
     assert rows[0]["longest_shared_ngram"] == 8 and rows[0]["nearest_real"] == real[0]
     assert rows[0]["shared_ngram"] == "the acting is superb and the story moves"
     assert rows[0]["shared_with"] == real[0]
@@ -239,6 +240,7 @@ def test_leakage_report_flags_copied_text():
     assert figures == {"max_shared_ngram": 8, "mean_shared_ngram": 4.0, "n_sharing_8gram": 1}
 
 
+@pytest.mark.slow
 def test_leakage_audit_is_written_for_a_non_private_run(tiny_cfg, tmp_path):
     summary = pipeline.run_job(tiny_cfg, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "leakage.jsonl").read_text().splitlines()]

@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from gradmm.gradients import Objective, OutputLayer, mean_gradient
-from gradmm.matched import OutputLayerGradient
-from gradmm.matching_context import MatchingContext
-from gradmm.matching_projection import project_matching_lm_exact
-from gradmm.projection import allowed_vocabulary, cosine_topk_mask, project_nearest, project_topk_lm
+from gradmm.method.gradients import Objective, OutputLayer, mean_gradient
+from gradmm.method.matched_gradient import OutputLayerGradient
+from gradmm.method.projectors import (
+    MatchingContext,
+    allowed_vocabulary,
+    cosine_topk_mask,
+    project_matching_lm_exact,
+    project_nearest,
+    project_topk_lm,
+)
 
 PREFIX = [21465, 42]  # "Review:"
 
@@ -128,7 +133,7 @@ def test_best_row_mix_equals_exhaustive_search_on_two_groups(tiny_lm_factory):
     row's change improves (a hill climb's promise), and never worse than keeping every row."""
     import itertools
 
-    from gradmm.matching_projection import best_row_mix
+    from gradmm.method.projectors import best_row_mix
 
     lm = tiny_lm_factory(dtype="float64")
     ctx = _context(lm)
@@ -162,8 +167,8 @@ def test_best_row_mix_equals_exhaustive_search_on_two_groups(tiny_lm_factory):
 def test_matching_lm_never_scores_below_the_current_tokens(tiny_lm_factory):
     """The exact check only accepts a mix that scores at least as well as keeping every row: LM
     log-probability minus match_weight x the exact discrete matching loss, recomputed from scratch."""
-    from gradmm.matching_projection import project_matching_lm
-    from gradmm.models import mean_nll
+    from gradmm.data.models import mean_nll
+    from gradmm.method.projectors import project_matching_lm
 
     lm = tiny_lm_factory(dtype="float64")
     allowed = allowed_vocabulary(lm.tokenizer, lm.input_embeddings.shape[0])

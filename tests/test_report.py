@@ -9,8 +9,8 @@ import pytest
 from conftest import TINY, compose_config
 from omegaconf import OmegaConf
 
-from gradmm import report
-from gradmm.artifacts import write_json, write_jsonl
+from gradmm.reporting import report
+from gradmm.runs.files import write_json, write_jsonl
 
 RHOS = (0.1, 0.5, 1.0)
 
@@ -84,6 +84,21 @@ def test_the_tradeoff_figure_is_written_alone_for_a_readme(sweep, tmp_path):
     text = figure.read_text()
     assert text.count("<svg") == 1 and "generation CPU seconds" in text
     assert all(f"admm.rho={rho:g}" in text for rho in RHOS)
+
+
+def test_the_runs_table_is_written_as_markdown_one_sorted_row_per_job(tmp_path):
+    for rho in (1.0, 0.1, 2.0):
+        _job(tmp_path, rho)
+    _job(tmp_path, 10.0, finished=False)  # its directory sorts before rho 2's, its value after
+    table = tmp_path / "table.md"
+    report.main([str(tmp_path / "runs"), "--markdown", str(table)])
+    lines = table.read_text().splitlines()
+    assert lines[0].startswith(f"Made by `python -m gradmm.reporting.report {tmp_path / 'runs'} --markdown")
+    rows = [line.split(" | ") for line in lines[4:]]
+    assert [row[0] for row in rows] == ["| 0.1", "| 1", "| 2", "| 10"]
+    assert [row[2] for row in rows] == ["done", "done", "done", "unfinished"]
+    assert rows[0][3] == f"{0.1 / 0.1:.4f}" and rows[0][6] == f"{100 * (0.5 + 0.1 / 4):.1f} +- 0.0"
+    assert rows[3][6] == "-"
 
 
 def test_no_tradeoff_figure_from_unfinished_jobs_is_an_error_naming_the_file(tmp_path):

@@ -97,6 +97,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_killed_anywhere_resumes_to_the_same_result(tmp_path, uninterrupted):
     kill_when = [
         lambda job: list(job.glob("rounds/*.state.pt")),  # mid-round, from a checkpoint
@@ -114,6 +115,7 @@ def test_killed_anywhere_resumes_to_the_same_result(tmp_path, uninterrupted):
     assert _result(job) == _result(uninterrupted), "every outer step logged once, despite the re-runs"
 
 
+@pytest.mark.slow
 def test_killed_while_writing_resumes_to_the_same_result(tmp_path, uninterrupted):
     prefix = (sys.executable, "-c", CRASH_DURING_WRITE)
     # A checkpoint, a finished round, and each output file, each cut off halfway through its write.
@@ -126,6 +128,7 @@ def test_killed_while_writing_resumes_to_the_same_result(tmp_path, uninterrupted
     assert not list(job.glob("rounds/.*.tmp")), "half-written checkpoints are cleared on resume"
 
 
+@pytest.mark.slow
 def test_a_batch_of_rounds_killed_mid_step_resumes_to_the_same_result(tmp_path):
     """Three rounds side by side share one checkpoint; a job resumed with another batching drops the
     other batching's checkpoint and runs those rounds again, one by one."""
@@ -158,6 +161,7 @@ def _saved_steps(job: Path) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_round_in_progress_and_exits_nonzero(tmp_path, uninterrupted):
     # No periodic checkpoint inside a round: what is saved comes from the signal handler.
     process = _start(tmp_path, "generation.checkpoint_every=1000")
@@ -173,6 +177,7 @@ def test_sigterm_saves_the_round_in_progress_and_exits_nonzero(tmp_path, uninter
     assert _result(job) == _result(uninterrupted)
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_config_reuses_its_directory(tmp_path, uninterrupted):
     root = tmp_path / "copy"
     shutil.copytree(uninterrupted.parents[2], root)
@@ -194,6 +199,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_accelerate_two_processes_give_the_single_process_result(tmp_path, uninterrupted):
     launch = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gradmm.artifacts import read_jsonl
-from gradmm.models import mean_nll
+from gradmm.data.models import mean_nll
 from gradmm.pipeline import run_job
+from gradmm.runs.files import read_jsonl
 
 
 def test_mean_nll_of_padded_batches_equals_each_text_alone(tiny_lm_factory):
@@ -24,6 +24,7 @@ def test_mean_nll_of_padded_batches_equals_each_text_alone(tiny_lm_factory):
         assert value.item() == pytest.approx(alone.item(), rel=1e-6)  # mean_nll reads float32 logits
 
 
+@pytest.mark.slow
 def test_random_initialisation_runs_end_to_end(tiny_cfg, tmp_path):
     """generation.init=random starts from other tokens than LM samples, and the job completes."""
     tiny_cfg.generation.init = "random"

@@ -19,12 +19,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-import gradmm.generate as generate
 import gradmm.pipeline as pipeline
-from gradmm import sweeps, target_cache
-from gradmm.artifacts import read_jsonl
-from gradmm.tasks import Example
-from gradmm.tracking import Tracker
+import gradmm.stages.generate as generate
+from gradmm.data.tasks import Example
+from gradmm.reporting.tracking import Tracker
+from gradmm.runs import sweeps, target_cache
+from gradmm.runs.files import read_jsonl
 
 REAL = [Example("a fine film", 1, 3), Example("a dull film", 0, 7)]
 
@@ -48,6 +48,7 @@ def _counting_compute_targets(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_jobs_that_differ_only_in_generation_settings_share_the_targets(cached_cfg, tmp_path, monkeypatch):
     calls = _counting_compute_targets(monkeypatch)
     cached_cfg.admm.rho = 0.5
@@ -65,6 +66,7 @@ def test_jobs_that_differ_only_in_generation_settings_share_the_targets(cached_c
     assert uncached == cached
 
 
+@pytest.mark.slow
 def test_private_release_is_cached_with_its_facts(cached_cfg, tmp_path, monkeypatch):
     calls = _counting_compute_targets(monkeypatch)
     with open_dict(cached_cfg):
@@ -118,6 +120,7 @@ def _writer(cfg_container: dict, log_path: str, out_path: str) -> None:
     torch.save({"targets": targets, "release": release}, out_path)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_compute_once_and_all_read_the_same_entry(cached_cfg, tmp_path):
     container = OmegaConf.to_container(cached_cfg, resolve=True)
     log_path = tmp_path / "computed.log"
@@ -184,7 +187,7 @@ def test_a_single_run_still_raises():
 
 
 def test_sweeper_direction_must_agree_with_the_objective():
-    from gradmm.validation import ConfigError, validate
+    from gradmm.config.validation import ConfigError, validate
 
     cfg = _with_hydra([*TINY, "hydra/sweeper=search", "objective.direction=maximize",
                        "hydra.sweeper.direction=minimize"], "MULTIRUN")
@@ -238,6 +241,7 @@ def _multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_job_multirun_on_the_joblib_launcher_shares_targets_and_builds_a_report(tmp_path):
     result = _multirun(tmp_path, "hydra/launcher=local", "admm.rho=0.1,1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -247,13 +251,14 @@ def test_two_job_multirun_on_the_joblib_launcher_shares_targets_and_builds_a_rep
     assert len(list((tmp_path / "targets").glob("*.pt"))) == 1
     (announced,) = [line for line in (result.stdout + result.stderr).splitlines() if "W&B group" in line]
     assert "admm.rho=0.1,1" in announced and "hydra/launcher=local" not in announced
-    report = subprocess.run([sys.executable, "-m", "gradmm.report", str(tmp_path)], cwd=REPO,
+    report = subprocess.run([sys.executable, "-m", "gradmm.reporting.report", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     page = (tmp_path / "report.html").read_text()
     assert all(str(p.parent) in page for p in summaries)
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     # rho=-1 composes (a float) but fails validation inside its job.
     result = _multirun(tmp_path, "admm.rho=-1,0.5")
@@ -263,6 +268,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert len(list(tmp_path.rglob("summary.json"))) == 1
 
 
+@pytest.mark.slow
 def test_optuna_search_survives_failed_trials(tmp_path):
     # The grid sampler tries both values: one job fails validation, the other runs.
     result = _multirun(tmp_path, "hydra/sweeper=search", "hydra/sweeper/sampler=grid",

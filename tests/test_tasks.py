@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 from conftest import TINY, compose_config
 
-from gradmm.models import load_tokenizer
-from gradmm.tasks import Verbalizer, load_split, stratified_sample
+from gradmm.data.models import load_tokenizer
+from gradmm.data.tasks import Verbalizer, load_split, stratified_sample
 
 
 def test_stratified_sample_is_balanced_seeded_and_distinct():

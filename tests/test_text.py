@@ -1,8 +1,8 @@
 """The one word-set similarity, as the filter and the leakage audit use it."""
 
-from gradmm.filtering import filter_examples
-from gradmm.privacy import leakage_report
-from gradmm.text import jaccard, words
+from gradmm.data.text import jaccard, words
+from gradmm.privacy.leakage import leakage_report
+from gradmm.stages.filter import filter_examples
 
 
 def test_jaccard_of_word_sets():

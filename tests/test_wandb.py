@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose_config
 
-from gradmm.filtering import filter_examples
-from gradmm.finetune import Classifier
+from gradmm.data.tasks import Verbalizer
 from gradmm.pipeline import run_job
-from gradmm.tasks import Verbalizer
-from gradmm.tracking import Tracker, dataset_name, headline
+from gradmm.reporting.tracking import Tracker, dataset_name, headline
+from gradmm.stages.classifier import Classifier
+from gradmm.stages.filter import filter_examples
 
 EVAL = [
     "evaluate.steps=4", "evaluate.eval_every=2", "evaluate.batch_size=4", "evaluate.n_dev=12",
@@ -104,6 +104,7 @@ def offline_wandb(monkeypatch, tmp_path):
     return ["tracker=wandb", "tracker.mode=offline", f"paths.output_root={tmp_path}"]
 
 
+@pytest.mark.slow
 def test_a_generation_job_and_an_evaluation_of_it_fill_the_dashboard(tmp_path, offline_wandb):
     generation = compose_config([*TINY, *offline_wandb, "stages=[generate,filter]", "filter.classifier=none",
                                  "filter.n_per_class=3"])
@@ -230,7 +231,7 @@ def test_fine_tuned_weights_are_uploaded_only_when_asked(tmp_path, asked):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # wandb_workspaces' pydantic v1 validators
 def test_the_workspace_holds_the_dashboard_panels():
     pytest.importorskip("wandb_workspaces")
-    from gradmm.dashboard import workspace
+    from gradmm.reporting.dashboard import workspace
 
     built = workspace("someone", "gradmm", "start here")
     panels = {section.name: section.panels for section in built.sections}

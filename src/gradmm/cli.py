@@ -10,13 +10,13 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
-from gradmm import artifacts
-from gradmm.generate import processes
-from gradmm.metrics import TEXT_SET_FIGURES
-from gradmm.models import load_tokenizer
+from gradmm.config.validation import validate
+from gradmm.data.models import load_tokenizer
 from gradmm.pipeline import prepare, run_job
-from gradmm.sweeps import objective_value
-from gradmm.validation import validate
+from gradmm.runs import files
+from gradmm.runs.metrics import TEXT_SET_FIGURES
+from gradmm.runs.sweeps import objective_value
+from gradmm.stages.generate import processes
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -76,7 +76,7 @@ def print_summary(summary: dict, out_dir: Path, n_examples: int = 6) -> None:
             if figures is None:  # privacy=dp: the real examples were not reachable
                 continue
             print(f"{name:24}" + "".join(f"{figures[m.key]:>21.4f}" for m in TEXT_SET_FIGURES))
-        rows = artifacts.read_jsonl(out_dir / "synthetic.jsonl")
+        rows = files.read_jsonl(out_dir / "synthetic.jsonl")
         print(f"\n{summary['n_synthetic']} synthetic examples in {summary['seconds']:.0f} s; a few of them:")
         for row in rows[:: max(1, len(rows) // n_examples)][:n_examples]:
             print(f"  [{row['label_name']}] d={row['grad_distance']:.4f} log_ppl={row['log_ppl']:.2f}  {row['text']}")

@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gradmm import artifacts, input_checks, job_dir, manifest, privacy
-from gradmm.filtering import filter_stage
-from gradmm.finetune import evaluate_stage
-from gradmm.generate import generate, processes, rescore
-from gradmm.identity import provenance
-from gradmm.inputs import Setup
-from gradmm.models import attention_kept, load_lm, load_tokenizer
-from gradmm.scoring import Clock, leakage_audit
-from gradmm.tasks import generator_examples
-from gradmm.tracking import Tracker
-from gradmm.validation import ConfigError, check_tokenizer
+from gradmm.config import validation
+from gradmm.config.validation import ConfigError, check_tokenizer
+from gradmm.data.models import attention_kept, load_lm, load_tokenizer
+from gradmm.data.tasks import Setup, generator_examples
+from gradmm.privacy import dp
+from gradmm.reporting.tracking import Tracker
+from gradmm.runs import files, job_directory, manifest
+from gradmm.runs.manifest import provenance
+from gradmm.stages.evaluate import evaluate_stage
+from gradmm.stages.filter import filter_stage
+from gradmm.stages.generate import Clock, generate, leakage_audit, processes, rescore
 
 
 def prepare(cfg: DictConfig, tokenizer=None) -> Setup:
@@ -29,7 +29,7 @@ def prepare(cfg: DictConfig, tokenizer=None) -> Setup:
     verbalizer = check_tokenizer(cfg, tokenizer)
     real = generator_examples(cfg)
     if cfg.privacy.name == "dp":
-        real = privacy.PrivateExamples(real)
+        real = dp.PrivateExamples(real)
     prefix_ids = tokenizer.encode(cfg.task.lm_prefix, add_special_tokens=False)
     return Setup(verbalizer, prefix_ids, real)
 
@@ -42,15 +42,15 @@ def _made(summary: dict, stage: str) -> None:
 
 def run_job(cfg: DictConfig, out_dir: Path, tokenizer=None) -> dict:
     """Runs cfg.stages in order; each stage skips work its earlier run already saved in out_dir, once
-    gradmm.manifest has found those outputs as they were recorded (or rebuilt them). The tokenizer is
+    gradmm.runs.manifest has found those outputs as they were recorded (or rebuilt them). The tokenizer is
     loaded unless given (the command line has it from validation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not processes(cfg).is_main_process:
         return _run(cfg, out_dir, tokenizer)
     # Refuses a directory holding another job's work before anything there is written.
-    job_dir.claim(cfg, out_dir)
-    with job_dir.exclusive(out_dir):
-        artifacts.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    job_directory.claim(cfg, out_dir)
+    with job_directory.exclusive(out_dir):
+        files.write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _run(cfg, out_dir, tokenizer)
 
 
@@ -63,7 +63,7 @@ def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
         tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     setup = prepare(cfg, tokenizer)
     lm = load_lm(cfg.model, cfg.paths.cache_dir, tokenizer)
-    if problems := input_checks.model_limits(cfg, lm, setup):
+    if problems := validation.model_limits(cfg, lm, setup):
         raise ConfigError(problems)
     torch.manual_seed(cfg.seed)
     # A stage reads what this job made, or else what the earlier job in data.synthetic_from made.
@@ -88,7 +88,7 @@ def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
         if due("generate"):
             with attention_kept(lm):
                 summary.update(generate(cfg, out_dir, setup, lm, tracker, started))
-            tracker.log_texts("generate", artifacts.read_jsonl(out_dir / "synthetic.jsonl"))
+            tracker.log_texts("generate", files.read_jsonl(out_dir / "synthetic.jsonl"))
             summary["leakage"] = leakage_audit(cfg, out_dir)
             _made(summary, "generate")
             manifest.save(out_dir, summary)
@@ -97,7 +97,7 @@ def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
                 rescore(cfg, out_dir, setup, lm)
             leakage_audit(cfg, out_dir)
         # Also when generation was done by an earlier run or job: no later stage reads the private examples.
-        privacy.seal(setup.real)
+        dp.seal(setup.real)
         if due("filter"):
             summary["filter"] = filter_stage(cfg, setup, lm, source, out_dir, tracker)
             _made(summary, "filter")
@@ -110,7 +110,7 @@ def _run(cfg: DictConfig, out_dir: Path, tokenizer) -> dict:
                 summary.update(evaluated)
                 if cfg.data.transfer:
                     summary["evaluation"]["transfer"] = {"from": str(source.resolve()),
-                                                         "differs": job_dir.task_differences(cfg, source)}
+                                                         "differs": job_directory.task_differences(cfg, source)}
                 _made(summary, "evaluate")
                 manifest.save(out_dir, summary)
         if resume.rebuild:

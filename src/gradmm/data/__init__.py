@@ -1,0 +1,1 @@
+"""What a job reads: tasks and their data, the models, words."""

@@ -1,0 +1,2 @@
+"""The stages of a job, in order: generate, filter, evaluate; and the classifier filter and evaluate
+share."""
