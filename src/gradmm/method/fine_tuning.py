@@ -149,7 +149,8 @@ def method_named(name: str) -> type[FineTuning]:
 
 @contextmanager
 def checkpoint_applied(lm: LM, checkpoint: dict) -> Iterator[None]:
-    """The model with a checkpoint from `finetune.train_and_select` in place; the original model on exit."""
+    """The model with a checkpoint from `gradmm.stages.evaluate.train_and_select` in place; the original
+    model on exit."""
     with method_named(checkpoint["method"]).applied(lm, checkpoint):
         yield
 

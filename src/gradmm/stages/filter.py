@@ -1,7 +1,7 @@
 """Keep the best synthetic examples (docs/method.md section 6).
 
 Rules, in order: drop texts the model, as a zero-shot or few-shot classifier with the task's
-verbalizer (`finetune.Classifier`, the classifier evaluation measures; its scores calibrated by
+verbalizer (`gradmm.stages.classifier.Classifier`, the classifier evaluation measures; its scores calibrated by
 their mean over the set), assigns to another class;
 rank each class by the example's own gradient distance (plus `log_ppl_weight` x its log-perplexity);
 drop exact and near duplicates (word-set Jaccard similarity at or above `near_duplicate`, keeping
