@@ -34,7 +34,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradmm.runs import files, manifest
 from gradmm.runs.identity import data_fingerprint, flatten, private_examples_id, science_config, science_hash
-from gradmm.runs.manifest import done_stages
 from gradmm.runs.sweeps import ERROR_FILE
 
 log = logging.getLogger(__name__)
@@ -217,7 +216,7 @@ class Job:
             return "broken"
         if self.error is not None:
             return "failed"
-        return "done" if {"generate", "evaluate"} & set(done_stages(self.summary)) else "unfinished"
+        return "done" if {"generate", "evaluate"} & set(manifest.done_stages(self.summary)) else "unfinished"
 
 
 def find_jobs(paths: list[Path]) -> list[Path]:
