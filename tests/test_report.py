@@ -15,10 +15,12 @@ from gradmm.runs.files import write_json, write_jsonl
 RHOS = (0.1, 0.5, 1.0)
 
 
-def _job(root: Path, rho: float, *, finished: bool = True, failed: bool = False, seed: int = 0) -> Path:
+def _job(root: Path, rho: float, *, finished: bool = True, failed: bool = False, seed: int = 0,
+         outer_steps: int | None = None) -> Path:
     """A job directory with rounds' metrics for 2 classes x 2 rounds, texts and a summary."""
-    cfg = compose_config([*TINY, f"admm.rho={rho}", f"paths.output_root={root}"])
-    path = root / "runs" / "sst2" / f"job-rho{rho}"
+    steps = [] if outer_steps is None else [f"admm.outer_steps={outer_steps}"]
+    cfg = compose_config([*TINY, f"admm.rho={rho}", *steps, f"paths.output_root={root}"])
+    path = root / "runs" / "sst2" / (f"job-rho{rho}" + ("" if outer_steps is None else f"-steps{outer_steps}"))
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (path / ".hydra").mkdir()
@@ -84,6 +86,24 @@ def test_the_tradeoff_figure_is_written_alone_for_a_readme(sweep, tmp_path):
     text = figure.read_text()
     assert text.count("<svg") == 1 and "generation CPU seconds" in text
     assert all(f"admm.rho={rho:g}" in text for rho in RHOS)
+
+
+def test_a_budget_sweep_is_drawn_as_a_line_per_rho_through_its_outer_steps(tmp_path):
+    # Directory names sort against the budget (steps10 before steps2), so the order is the config's.
+    for rho in (1.0, 0.1):
+        for steps in (10, 0, 2):
+            _job(tmp_path, rho, outer_steps=steps)
+    jobs = [report.load_job(path, 3) for path in sorted((tmp_path / "runs" / "sst2").iterdir())]
+    line_key, point_keys, lines = report.tradeoff_lines(jobs)
+    assert (line_key, point_keys) == ("admm.rho", ["admm.outer_steps"])
+    assert [value for value, _ in lines] == [0.1, 1.0]
+    assert [[job.config["admm.outer_steps"] for job in members] for _, members in lines] == [[0, 2, 10]] * 2
+    figure = tmp_path / "budget.svg"
+    report.main([str(tmp_path / "runs"), "--tradeoff-svg", str(figure)])
+    text = figure.read_text()
+    # The legend names the lines; each point is labelled by its budget alone.
+    assert "admm.rho" in text and "admm.rho=0.1" not in text
+    assert all(f"admm.outer_steps={steps}" in text for steps in (0, 2, 10))
 
 
 def test_the_runs_table_is_written_as_markdown_one_sorted_row_per_job(tmp_path):

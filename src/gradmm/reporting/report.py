@@ -117,30 +117,75 @@ TRADEOFF_AXES = (("grad_distance_set", "matching loss of the set (grad distance)
                  ("cpu_seconds", "generation CPU seconds (all threads)"))
 
 
+def tradeoff_point(job: Job, key: str) -> tuple[float, float, float | None] | None:
+    """(summary[key], accuracy, accuracy_std) of a finished job that has both figures, else None."""
+    s = job.summary
+    if job.status != "done" or not numeric([s.get(key), s.get("accuracy")]):
+        return None
+    std = s.get("accuracy_std")
+    return s[key], s["accuracy"], std if numeric([std]) else None
+
+
 def tradeoff_points(jobs: list[Job], key: str) -> list[tuple[str, float, float, float | None]]:
     """(label, summary[key], accuracy, accuracy_std) of each finished job that has both figures."""
-    points = []
+    return [(job.label, *point) for job in jobs if (point := tradeoff_point(job, key)) is not None]
+
+
+def tradeoff_lines(jobs: list[Job]) -> tuple[str | None, list[str], list[tuple[Any, list[Job]]]]:
+    """How a sweep's jobs are joined in the budget figure: one line per value of the differing key with
+    the fewest values (a budget sweep's rho) when two or more keys differ, else one line; along a line,
+    jobs in the order of the other differing keys (its budget: 0, 2, 4 outer steps), which label them.
+    Returns (the key the lines stand for or None, the keys that label points, [(value, jobs)])."""
+    keys = differing_keys(jobs)
+    distinct = {k: len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) for k in keys}
+    line_key = min(keys, key=lambda k: (distinct[k], k)) if len(keys) >= 2 else None
+    point_keys = [k for k in keys if k != line_key]
+    lines: dict[str, tuple[Any, list[Job]]] = {}
     for job in jobs:
-        s = job.summary
-        if job.status == "done" and numeric([s.get(key), s.get("accuracy")]):
-            std = s.get("accuracy_std")
-            points.append((job.label, s[key], s["accuracy"], std if numeric([std]) else None))
-    return points
+        value = job.config.get(line_key) if line_key else None
+        lines.setdefault(json.dumps(value, sort_keys=True), (value, []))[1].append(job)
+    ordered = sorted(lines.values(), key=lambda line: _sort_key(line[0]))
+    for _, members in ordered:
+        members.sort(key=lambda j: [_sort_key(j.config.get(k)) for k in point_keys] + [str(j.path)])
+    return line_key, point_keys, ordered
 
 
 def tradeoff_plot(jobs: list[Job]) -> str | None:
     """Accuracy (+- its std over training seeds) against the matching loss and against the generation's
-    seconds, one labelled point per finished job: the figure a budget sweep is read from."""
-    panels = [(title, points) for key, title in TRADEOFF_AXES if len(points := tradeoff_points(jobs, key)) >= 2]
+    CPU seconds, a line per tradeoff_lines series through its finished jobs: the figure a budget sweep
+    is read from."""
+    panels = [(key, title) for key, title in TRADEOFF_AXES if len(tradeoff_points(jobs, key)) >= 2]
     if not panels:
         return None
-    fig = Figure(figsize=(5.2 * len(panels), 4.0))
-    for ax, (title, points) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        for label, x, accuracy, std in points:
-            ax.errorbar(x, accuracy, yerr=std, marker="o", capsize=3)
-            ax.annotate(label, (x, accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    line_key, point_keys, lines = tradeoff_lines(jobs)
+    fig = Figure(figsize=(5.6 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": 0.3})[0]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        drawn = [(value, [(job, point) for job in members if (point := tradeoff_point(job, key))])
+                 for value, members in lines]
+        xs = [x for _, points in drawn for _, (x, _, _) in points]
+        ys = [y for _, points in drawn for _, (_, y, _) in points]
+        near = (0.03 * ((max(xs) - min(xs)) or 1.0), 0.03 * ((max(ys) - min(ys)) or 1.0))
+        placed: list[tuple[str, float, float]] = []
+        for value, points in drawn:
+            if not points:
+                continue
+            ax.errorbar([x for _, (x, _, _) in points], [y for _, (_, y, _) in points],
+                        yerr=[std or 0.0 for _, (_, _, std) in points], marker="o", capsize=3,
+                        label=_fmt(value) if line_key else None)
+            for job, (x, y, _) in points:
+                text = ", ".join(f"{k}={_fmt(job.config.get(k))}" for k in point_keys) or job.label
+                # One label for jobs that landed on (nearly) the same point with the same label: jobs
+                # that made the same texts, like a budget sweep's selection at every rho.
+                if any(t == text and abs(x - px) < near[0] and abs(y - py) < near[1] for t, px, py in placed):
+                    continue
+                placed.append((text, x, y))
+                ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set(xlabel=title, ylabel="accuracy (mean +- std over seeds)")
+        ax.margins(x=0.2)  # room for the labels of the rightmost points inside their own panel
         ax.grid(alpha=0.3)
+        if line_key:
+            ax.legend(title=line_key, fontsize=7, title_fontsize=7)
     return _svg(fig)
 
 
