@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from gradmm.reporting import report
 from gradmm.runs.files import write_json, write_jsonl
+from gradmm.runs.manifest import code_version
 
 RHOS = (0.1, 0.5, 1.0)
 
@@ -114,6 +115,7 @@ def test_the_runs_table_is_written_as_markdown_one_sorted_row_per_job(tmp_path):
     report.main([str(tmp_path / "runs"), "--markdown", str(table)])
     lines = table.read_text().splitlines()
     assert lines[0].startswith(f"Made by `python -m gradmm.reporting.report {tmp_path / 'runs'} --markdown")
+    assert f"at code {code_version()} on " in lines[0]
     rows = [line.split(" | ") for line in lines[4:]]
     assert [row[0] for row in rows] == ["| 0.1", "| 1", "| 2", "| 10"]
     assert [row[2] for row in rows] == ["done", "done", "done", "unfinished"]

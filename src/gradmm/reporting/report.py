@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from gradmm.runs import files
 from gradmm.runs.identity import is_science_key
 from gradmm.runs.job_directory import Job, find_jobs, load_job, numeric
+from gradmm.runs.manifest import code_version
 from gradmm.runs.metrics import OBJECTIVES
 
 # Final figures: (summary.json key, column title, better when lower).
@@ -294,7 +295,8 @@ def markdown_table(jobs: list[Job], command: str) -> str:
     keys = differing_keys(jobs)
     head = [*keys, "job", "status", "grad distance (set)", "log-ppl", "n_train", "accuracy (mean +- std)",
             "per seed", "generation CPU s", "code", "finished"]
-    lines = [f"Made by `{command}` on {datetime.date.today().isoformat()}.", "",
+    lines = [f"Made by `{command}` at code {code_version()} on {datetime.date.today().isoformat()}; each job's "
+             "row names the code that generated it.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for job in sorted(jobs, key=lambda j: [_sort_key(j.config.get(k)) for k in keys]):
         s, evaluation = job.summary, job.summary.get("evaluation", {})
