@@ -160,7 +160,7 @@ def tradeoff_plot(jobs: list[Job]) -> str | None:
         return None
     line_key, point_keys, lines = tradeoff_lines(jobs)
     fig = Figure(figsize=(5.6 * len(panels), 4.2))
-    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": 0.3})[0]
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"wspace": 0.4})[0]
     for ax, (key, title) in zip(axes, panels, strict=True):
         drawn = [(value, [(job, point) for job in members if (point := tradeoff_point(job, key))])
                  for value, members in lines]
