@@ -86,6 +86,9 @@ def test_the_tradeoff_figure_is_written_alone_for_a_readme(sweep, tmp_path):
     report.main([str(tmp_path / "runs"), "--tradeoff-svg", str(figure)])
     text = figure.read_text()
     assert text.count("<svg") == 1 and "generation CPU seconds" in text
+    # Drawn again from the same jobs, the committed figure does not change.
+    report.main([str(tmp_path / "runs"), "--tradeoff-svg", str(figure)])
+    assert figure.read_text() == text
     assert all(f"admm.rho={rho:g}" in text for rho in RHOS)
 
 

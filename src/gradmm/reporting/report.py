@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 from matplotlib.figure import Figure
 
 from gradmm.runs import files
@@ -61,8 +62,11 @@ def curve(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _svg(fig: Figure) -> str:
+    """The figure as inline SVG, the same bytes for the same data: no date, element ids from a fixed salt,
+    so that a committed figure changes only when its numbers do."""
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    with matplotlib.rc_context({"svg.hashsalt": "gradmm"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
