@@ -210,7 +210,7 @@ class Objective:
     union_weight x distance(G + O, T + O), where O is the sum of the other classes' targets: the
     balanced union of all classes against its target, the other classes counted at their targets, so
     each class's set can still be optimised on its own. On SmolLM2 / SST-2 that term trained worse
-    models (experiments/results/cpu_sst2.md), so the configs leave it off.
+    models (experiments/results/cpu_comparison.md), so the configs leave it off.
     """
 
     target: Gradient
