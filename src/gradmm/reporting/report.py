@@ -41,10 +41,14 @@ FIGURES = tuple((m.key, m.title, m.lower_is_better) for m in OBJECTIVES)
 CURVES = (("grad_distance_z", "gradient distance of the projected tokens"), ("log_ppl_z", "log-perplexity"))
 
 
+def distinct_values(jobs: list[Job], key: str) -> int:
+    return len({json.dumps(job.config.get(key), sort_keys=True) for job in jobs})
+
+
 def differing_keys(jobs: list[Job]) -> list[str]:
     jobs = [job for job in jobs if job.config]  # a job whose config.yaml is unreadable differs in nothing
     keys = sorted({k for job in jobs for k in job.config if is_science_key(k)})
-    return [k for k in keys if len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) > 1]
+    return [k for k in keys if distinct_values(jobs, k) > 1]
 
 
 def _label(job: Job, keys: list[str]) -> str:
@@ -142,8 +146,7 @@ def tradeoff_lines(jobs: list[Job]) -> tuple[str | None, list[str], list[tuple[A
     jobs in the order of the other differing keys (its budget: 0, 2, 4 outer steps), which label them.
     Returns (the key the lines stand for or None, the keys that label points, [(value, jobs)])."""
     keys = differing_keys(jobs)
-    distinct = {k: len({json.dumps(job.config.get(k), sort_keys=True) for job in jobs}) for k in keys}
-    line_key = min(keys, key=lambda k: (distinct[k], k)) if len(keys) >= 2 else None
+    line_key = min(keys, key=lambda k: (distinct_values(jobs, k), k)) if len(keys) >= 2 else None
     point_keys = [k for k in keys if k != line_key]
     lines: dict[str, tuple[Any, list[Job]]] = {}
     for job in jobs:
